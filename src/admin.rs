@@ -1,0 +1,72 @@
+//! The admin listener: `GET /healthz`, `GET /readyz`, `GET /metrics`, for operators and orchestrators.
+//! It must never share a port with client traffic (the config refuses that).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::body::{self, Body};
+use crate::metrics::Metrics;
+
+/// Whether the instance should receive traffic: true once the listeners are bound, false from the
+/// moment shutdown begins (before the listeners close, so a load balancer stops sending first).
+#[derive(Debug, Default, Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Shared state of the admin endpoints.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+}
+
+impl Admin {
+    pub async fn handle<B>(&self, request: Request<B>) -> Result<Response<Body>, Infallible> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response = body::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "message": "Admin endpoints answer GET only."}),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Ok(response);
+        }
+        let response = match request.uri().path() {
+            "/healthz" => body::json(StatusCode::OK, &json!({"status": "ok"})),
+            "/readyz" if self.readiness.is_ready() => {
+                body::json(StatusCode::OK, &json!({"status": "ready"}))
+            }
+            "/readyz" => body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "message": "Starting up or shutting down."}),
+            ),
+            "/metrics" => {
+                let mut response = Response::new(body::full(self.metrics.render()));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            _ => body::json(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": "Admin endpoints are /healthz, /readyz and /metrics."}),
+            ),
+        };
+        Ok(response)
+    }
+}

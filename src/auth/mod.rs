@@ -1,0 +1,92 @@
+//! Who a request comes from: the [`Authenticator`] seam the proxy asks on every non-public route, and
+//! wxgate's own endpoints under the auth prefix (`/auth/...`), which are answered here and never
+//! forwarded.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+use crate::error::Error;
+
+/// A proven caller, as the backend will see it in the identity headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub appid: String,
+    pub openid: String,
+    pub unionid: Option<String>,
+}
+
+/// The future an [`Authenticator`] returns.
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<Identity>, Error>> + Send + 'a>>;
+
+/// Decides who a request comes from.
+///
+/// `Ok(None)`: the request carries no credentials. `Ok(Some(_))`: credentials proven. `Err(_)`:
+/// credentials presented but not acceptable (`InvalidToken`, `TokenExpired`) or the decision could not
+/// be made (`AuthUnavailable`) — the proxy fails closed on every error.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a>;
+}
+
+/// The authenticator before any login method is configured: no request carries an identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Anonymous;
+
+impl Authenticator for Anonymous {
+    fn authenticate<'a>(&'a self, _headers: &'a HeaderMap) -> AuthFuture<'a> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (RFC 6750 §2.1; the scheme is
+/// case-insensitive). `None` when there is no such header or it uses another scheme.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Whether an `Authorization` header carries wxgate's bearer scheme; such headers are wxgate's
+/// credentials and are never forwarded.
+pub fn is_bearer(value: &http::HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "))
+}
+
+/// Answers a request under the auth prefix. `path` is the normalised path with the prefix removed.
+/// No login method is wired in yet, so every endpoint is unknown.
+pub async fn endpoint(_path: &str) -> Result<http::Response<crate::body::Body>, Error> {
+    Err(Error::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with_auth(value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn bearer_tokens_are_found_case_insensitively() {
+        assert_eq!(bearer_token(&with_auth("Bearer abc.def")), Some("abc.def"));
+        assert_eq!(bearer_token(&with_auth("bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&with_auth("Basic dXNlcjpwdw==")), None);
+        assert_eq!(bearer_token(&with_auth("Bearer ")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+        assert!(is_bearer(&HeaderValue::from_static("BEARER x")));
+        assert!(!is_bearer(&HeaderValue::from_static("Basic x")));
+    }
+}

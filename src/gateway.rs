@@ -1,0 +1,217 @@
+//! The request pipeline of the main listener. [`Gateway::service`] is the tower stack around one
+//! connection; [`Gateway::handle`] walks a request through normalise → route → authenticate →
+//! header hygiene → forward, and turns every failure into a response (it never returns an error to
+//! hyper, so a client always gets an answer and a connection is never dropped on a bug).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tracing::Instrument;
+
+use crate::auth::{self, Authenticator, Identity};
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::{self, Error};
+use crate::metrics::Metrics;
+use crate::proxy::Upstream;
+use crate::proxy::headers::{ClientInfo, HeaderRules};
+use crate::routes::{self, Policy, RouteTable};
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    routes: RouteTable,
+    auth_prefix: String,
+    allow_encoded_slashes: bool,
+    authenticator: Arc<dyn Authenticator>,
+    headers: HeaderRules,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    /// Labels for requests that never reach a configured route.
+    labels: Labels,
+}
+
+struct Labels {
+    invalid: Arc<str>,
+    auth: Arc<str>,
+}
+
+/// The service for one client connection, as hyper drives it.
+pub type ConnectionService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+impl Gateway {
+    pub fn new(config: &Config, authenticator: Arc<dyn Authenticator>, metrics: Arc<Metrics>) -> Self {
+        Gateway {
+            routes: config.routes.clone(),
+            auth_prefix: config.server.auth_prefix.clone(),
+            allow_encoded_slashes: config.server.allow_encoded_slashes,
+            authenticator,
+            headers: HeaderRules::from_config(config),
+            upstream: Upstream::new(&config.upstream),
+            metrics,
+            labels: Labels {
+                invalid: Arc::from("invalid_path"),
+                auth: Arc::from("auth"),
+            },
+        }
+    }
+
+    /// The tower stack for one connection from `peer`, outermost layer first.
+    pub fn service(self: &Arc<Self>, peer: SocketAddr, scheme: &'static str) -> ConnectionService {
+        let gateway = self.clone();
+        let metrics = self.metrics.clone();
+        let client = ClientInfo {
+            peer: peer.ip(),
+            scheme,
+        };
+        let stack = ServiceBuilder::new()
+            // Credentials are marked sensitive before anything might log request headers, so a Debug
+            // print of the request shows "Sensitive" instead of the token.
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::PROXY_AUTHORIZATION,
+                header::COOKIE,
+            ]))
+            // A request id for every request (the client's own when it sent one), set before the
+            // gateway so that logs and the backend see it, and echoed to the client, errors included.
+            .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+            .service_fn(move |request: Request<Incoming>| {
+                let gateway = gateway.clone();
+                let metrics = metrics.clone();
+                async move {
+                    // A panic becomes a JSON 500 and a count, never a dropped connection. (tower-http's
+                    // CatchPanic does the same but re-boxes every response body, on every request.)
+                    let handled = AssertUnwindSafe(gateway.handle(request, client)).catch_unwind().await;
+                    Ok::<_, Infallible>(handled.unwrap_or_else(|_panic| {
+                        error::respond(Error::Internal("panic while handling a request".into()), &metrics)
+                    }))
+                }
+            });
+        BoxCloneSyncService::new(stack)
+    }
+
+    /// Handles one request from end to end, recording its metrics and access-log line.
+    pub async fn handle(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight();
+        let method = request.method().clone();
+        let request_id = request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let span = tracing::info_span!("request", %method, request_id = %request_id, path = tracing::field::Empty);
+        let outcome = self.route_and_forward(request, client).instrument(span.clone()).await;
+        let response = match outcome.result {
+            Ok(response) => response,
+            Err(err) => span.in_scope(|| error::respond(err, &self.metrics)),
+        };
+        let elapsed = started.elapsed();
+        self.metrics
+            .observe_request(&outcome.route, response.status().as_u16(), elapsed);
+        tracing::info!(
+            target: "wxgate::access",
+            parent: &span,
+            method = %method,
+            path = outcome.path.as_deref().unwrap_or("-"),
+            route = &*outcome.route,
+            status = response.status().as_u16(),
+            duration_us = elapsed.as_micros() as u64,
+            user_id = outcome.user_id.as_deref().unwrap_or("-"),
+            request_id = %request_id,
+        );
+        response
+    }
+
+    async fn route_and_forward(&self, request: Request<Incoming>, client: ClientInfo) -> Outcome {
+        let path = match routes::normalize_path(request.uri().path(), self.allow_encoded_slashes) {
+            Ok(path) => path,
+            Err(e) => return Outcome::failed(self.labels.invalid.clone(), None, e.into()),
+        };
+        tracing::Span::current().record("path", path.as_str());
+
+        if routes::has_prefix(&path, &self.auth_prefix) {
+            let rest = &path[self.auth_prefix.len()..];
+            let result = auth::endpoint(rest).await;
+            return Outcome {
+                route: self.labels.auth.clone(),
+                path: Some(path),
+                user_id: None,
+                result,
+            };
+        }
+
+        let route = self.routes.matching(request.method(), &path);
+        let (mut parts, incoming) = request.into_parts();
+        let identity: Option<Identity> = match route.policy {
+            Policy::Public => None,
+            Policy::Optional | Policy::Required => {
+                match self.authenticator.authenticate(&parts.headers).await {
+                    Ok(identity) => identity,
+                    Err(e) => return Outcome::failed(route.name.clone(), Some(path), e),
+                }
+            }
+        };
+        if route.policy == Policy::Required && identity.is_none() {
+            return Outcome::failed(route.name.clone(), Some(path), Error::LoginRequired);
+        }
+
+        // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        if let Err(e) = self
+            .headers
+            .prepare_request(&mut parts.headers, identity.as_ref(), client)
+        {
+            return Outcome::failed(route.name.clone(), Some(path), e);
+        }
+        let request = Request::from_parts(parts, body::boxed(incoming));
+        let result = self.upstream.forward(request, &path).await;
+        Outcome {
+            route: route.name.clone(),
+            path: Some(path),
+            user_id: identity.map(|i| i.user_id),
+            result,
+        }
+    }
+}
+
+/// What happened to one request, for the metrics and the access log.
+struct Outcome {
+    route: Arc<str>,
+    path: Option<String>,
+    user_id: Option<String>,
+    result: Result<Response<Body>, Error>,
+}
+
+impl Outcome {
+    fn failed(route: Arc<str>, path: Option<String>, err: Error) -> Self {
+        Outcome {
+            route,
+            path,
+            user_id: None,
+            result: Err(err),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! A small HTTP backend that records every request and echoes it back as JSON: what the demo shows, what
+//! the integration tests assert on, and what the benchmarks forward to. It is never on wxgate's own
+//! request path.
+//!
+//! - Every request is answered with `{"method", "path", "query", "headers", "body_len",
+//!   "body_sha256"}`, computed while the body streams in (an upload is never held in memory).
+//! - `?download=N` answers with N bytes (`0123456789` repeated), streamed in 64 KiB chunks.
+//! - [`Options::delay`] holds every response back, to play a slow backend.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use crate::body::{self, Body};
+
+/// How the backend behaves.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Wait this long after reading the body before answering.
+    pub delay: Duration,
+}
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// `None` until the whole body has arrived.
+    pub body: Option<BodyDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyDigest {
+    pub len: u64,
+    pub sha256: String,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    bytes_received: AtomicU64,
+}
+
+/// A running sample backend; it stops when dropped.
+pub struct SampleBackend {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SampleBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SampleBackend {
+    /// Serves on `listener` until dropped.
+    pub fn start(listener: TcpListener, options: Options) -> std::io::Result<SampleBackend> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State::default());
+        let task_state = state.clone();
+        let task = tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let state = task_state.clone();
+                let options = options.clone();
+                let service = service_fn(move |request| {
+                    let state = state.clone();
+                    let options = options.clone();
+                    async move { Ok::<_, Infallible>(answer(request, &state, &options).await) }
+                });
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+        });
+        Ok(SampleBackend { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far, in arrival order (recorded as soon as its headers arrive).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().expect("not poisoned").clone()
+    }
+
+    /// Body bytes received so far, over all requests.
+    pub fn bytes_received(&self) -> u64 {
+        self.state.bytes_received.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(request: Request<Incoming>, state: &State, options: &Options) -> Response<Body> {
+    let (parts, mut incoming) = request.into_parts();
+    let index = {
+        let mut requests = state.requests.lock().expect("not poisoned");
+        requests.push(Recorded {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers.clone(),
+            body: None,
+        });
+        requests.len() - 1
+    };
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = incoming.frame().await {
+        let Ok(frame) = frame else {
+            return status(StatusCode::BAD_REQUEST, "request body broken");
+        };
+        if let Ok(data) = frame.into_data() {
+            hasher.update(&data);
+            len += data.len() as u64;
+            state
+                .bytes_received
+                .fetch_add(data.len() as u64, Ordering::SeqCst);
+        }
+    }
+    let digest = BodyDigest {
+        len,
+        sha256: hex::encode(hasher.finalize()),
+    };
+    state.requests.lock().expect("not poisoned")[index].body = Some(digest.clone());
+    if !options.delay.is_zero() {
+        tokio::time::sleep(options.delay).await;
+    }
+
+    if let Some(n) = download_size(parts.uri.query()) {
+        return download(n);
+    }
+    let mut headers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        headers
+            .entry(name.as_str())
+            .or_default()
+            .push(value.to_str().unwrap_or("<binary>"));
+    }
+    let echo = json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body_len": digest.len,
+        "body_sha256": digest.sha256,
+    });
+    let mut response = body::json(StatusCode::OK, &echo);
+    response
+        .headers_mut()
+        .insert("x-backend", HeaderValue::from_static("sample"));
+    response
+}
+
+fn download_size(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("download="))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The byte at `offset` of every download: tests recompute the expected hash from this.
+pub fn download_byte(offset: u64) -> u8 {
+    b'0' + (offset % 10) as u8
+}
+
+fn download(total: u64) -> Response<Body> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunks = (0..total.div_ceil(CHUNK)).map(move |i| {
+        let start = i * CHUNK;
+        let end = (start + CHUNK).min(total);
+        let data: Vec<u8> = (start..end).map(download_byte).collect();
+        Ok::<_, Infallible>(Frame::data(Bytes::from(data)))
+    });
+    let stream = StreamBody::new(futures_util::stream::iter(chunks));
+    let mut response = Response::new(body::boxed(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
+
+fn status(code: StatusCode, message: &str) -> Response<Body> {
+    body::json(code, &json!({ "error": message }))
+}

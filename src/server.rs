@@ -1,0 +1,177 @@
+//! Listeners and lifecycle: accepts connections on the main and admin listeners, serves HTTP/1.1 and
+//! HTTP/2 (cleartext, by prior knowledge) on each, and drains in-flight requests on shutdown.
+//!
+//! [`Server::serve`] takes already-bound listeners and a shutdown future, so a test binds
+//! `127.0.0.1:0`, learns the port, and stops the server when it wants.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::admin::{Admin, Readiness};
+use crate::auth::{Anonymous, Authenticator};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+/// The two listeners wxgate serves.
+pub struct Listeners {
+    pub main: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `[server]`.
+    pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let main = TcpListener::bind(config.server.listen).await.map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {} (server.listen): {e}", config.server.listen))
+        })?;
+        let admin = TcpListener::bind(config.server.admin_listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (server.admin_listen): {e}", config.server.admin_listen),
+            )
+        })?;
+        Ok(Listeners { main, admin })
+    }
+}
+
+/// A configured wxgate, ready to serve.
+pub struct Server {
+    config: Config,
+    authenticator: Arc<dyn Authenticator>,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+}
+
+impl Server {
+    pub fn new(config: Config) -> Self {
+        Server {
+            config,
+            authenticator: Arc::new(Anonymous),
+            metrics: Arc::new(Metrics::new()),
+            readiness: Readiness::default(),
+        }
+    }
+
+    /// Replaces the authenticator (by default no request carries an identity).
+    pub fn with_authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
+        self.authenticator = authenticator;
+        self
+    }
+
+    /// The readiness flag `/readyz` reports.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish for at
+    /// most `server.shutdown_timeout`, and returns.
+    pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let main_addr = listeners.main.local_addr()?;
+        let admin_addr = listeners.admin.local_addr()?;
+        let gateway = Arc::new(Gateway::new(&self.config, self.authenticator.clone(), self.metrics.clone()));
+        let admin = Admin {
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
+        };
+        let builder = connection_builder();
+        let graceful = GracefulShutdown::new();
+
+        self.readiness.set(true);
+        tracing::info!(listen = %main_addr, admin = %admin_addr, "wxgate ready");
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listeners.main.accept() => {
+                    let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
+                    let service = TowerToHyperService::new(gateway.service(peer, "http"));
+                    let connection = builder.serve_connection_with_upgrades(io(stream), service);
+                    spawn_connection(graceful.watch(connection.into_owned()), peer);
+                }
+                accepted = listeners.admin.accept() => {
+                    let Some((stream, peer)) = accepted_or_pause(accepted, "admin").await else { continue };
+                    let admin = admin.clone();
+                    let service = service_fn(move |request| {
+                        let admin = admin.clone();
+                        async move { admin.handle(request).await }
+                    });
+                    let connection = builder.serve_connection(io(stream), service);
+                    spawn_connection(graceful.watch(connection.into_owned()), peer);
+                }
+            }
+        }
+
+        // Not ready first, so that health checks stop routing here; then stop accepting.
+        self.readiness.set(false);
+        drop(listeners);
+        let open = graceful.count();
+        tracing::info!(connections = open, timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
+        match tokio::time::timeout(self.config.server.shutdown_timeout, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections drained"),
+            Err(_) => tracing::warn!("shutdown timeout reached; closing the remaining connections"),
+        }
+        Ok(())
+    }
+}
+
+/// Serves `config` on freshly bound listeners until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    Server::new(config).serve(listeners, shutdown).await
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A timer lets hyper enforce its header read timeout (30 s by default), so a client that never
+    // finishes its headers does not hold a connection forever.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+fn io(stream: TcpStream) -> TokioIo<TcpStream> {
+    // Proxied requests are small writes that must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    TokioIo::new(stream)
+}
+
+/// Accept errors are usually per-connection (a reset before accept) or a full file table; neither
+/// may end the server, and the latter must not spin the loop.
+async fn accepted_or_pause(
+    accepted: io::Result<(TcpStream, SocketAddr)>,
+    listener: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    match accepted {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            tracing::warn!(listener, error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
+fn spawn_connection<F, E>(connection: F, peer: SocketAddr)
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
+}
