@@ -13,7 +13,9 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body that is already in memory.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An empty body.

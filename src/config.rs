@@ -320,9 +320,13 @@ pub enum UserIdMode {
 
 #[derive(Debug, Clone)]
 pub enum IdentityStoreConfig {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
     /// The full URL; it may hold a password.
-    Postgres { url: Secret },
+    Postgres {
+        url: Secret,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -335,7 +339,9 @@ pub struct IdentityConfig {
 pub enum SessionStoreConfig {
     Memory,
     /// The full URL; it may hold a password.
-    Redis { url: Secret },
+    Redis {
+        url: Secret,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -376,7 +382,8 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
         for (key, value) in table.iter_mut() {
             interpolate_value(key, value, env)?;
         }
@@ -440,10 +447,8 @@ fn interpolate_value(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = interpolate(key, s, env)?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = interpolate(key, s, env)?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -557,7 +562,9 @@ fn server_config(file: FileServer) -> Result<ServerConfig, ConfigError> {
     if listen.port() != 0 && listen == admin_listen {
         return Err(ConfigError::invalid(
             "server.admin_listen",
-            format!("is the same address as server.listen ({listen}); the admin endpoints must never be on the public port, use e.g. \"127.0.0.1:9090\""),
+            format!(
+                "is the same address as server.listen ({listen}); the admin endpoints must never be on the public port, use e.g. \"127.0.0.1:9090\""
+            ),
         ));
     }
     let workers = match file.workers {
@@ -595,7 +602,9 @@ fn server_config(file: FileServer) -> Result<ServerConfig, ConfigError> {
     if auth_prefix.is_empty() || normal.as_deref() != Some(auth_prefix.as_str()) {
         return Err(ConfigError::invalid(
             "server.auth_prefix",
-            format!("\"{auth_prefix}\" is not a plain absolute path; write e.g. \"/auth\" (it cannot be \"/\")"),
+            format!(
+                "\"{auth_prefix}\" is not a plain absolute path; write e.g. \"/auth\" (it cannot be \"/\")"
+            ),
         ));
     }
     Ok(ServerConfig {
@@ -654,7 +663,9 @@ fn upstream_config(file: FileUpstream) -> Result<UpstreamConfig, ConfigError> {
     {
         return Err(ConfigError::invalid(
             KEY,
-            format!("base path \"{base_path}\" is not a plain path; write e.g. \"http://127.0.0.1:3000/api\""),
+            format!(
+                "base path \"{base_path}\" is not a plain path; write e.g. \"http://127.0.0.1:3000/api\""
+            ),
         ));
     }
     Ok(UpstreamConfig {
@@ -716,7 +727,9 @@ fn apps_config(files: Vec<FileApp>) -> Result<Vec<AppConfig>, ConfigError> {
         if !name_ok {
             return Err(ConfigError::invalid(
                 key("name"),
-                format!("\"{name}\" is not a usable app name; use 1 to 64 of a-z, 0-9, - and _, e.g. \"shop\""),
+                format!(
+                    "\"{name}\" is not a usable app name; use 1 to 64 of a-z, 0-9, - and _, e.g. \"shop\""
+                ),
             ));
         }
         if let Some(j) = apps.iter().position(|a| a.name == name) {
@@ -733,7 +746,9 @@ fn apps_config(files: Vec<FileApp>) -> Result<Vec<AppConfig>, ConfigError> {
             other => {
                 return Err(ConfigError::invalid(
                     key("kind"),
-                    format!("\"{other}\" is not an app kind; use \"miniprogram\", \"app\", \"web\" or \"oa\""),
+                    format!(
+                        "\"{other}\" is not an app kind; use \"miniprogram\", \"app\", \"web\" or \"oa\""
+                    ),
                 ));
             }
         };
@@ -744,7 +759,9 @@ fn apps_config(files: Vec<FileApp>) -> Result<Vec<AppConfig>, ConfigError> {
         if !appid_ok {
             return Err(ConfigError::invalid(
                 key("appid"),
-                format!("\"{appid}\" is not a WeChat AppID; it is \"wx\" and 16 letters or digits, as shown in the WeChat console"),
+                format!(
+                    "\"{appid}\" is not a WeChat AppID; it is \"wx\" and 16 letters or digits, as shown in the WeChat console"
+                ),
             ));
         }
         if let Some(j) = apps.iter().position(|a| a.appid == appid) {
@@ -781,7 +798,9 @@ fn identity_config(file: FileIdentity) -> Result<IdentityConfig, ConfigError> {
             ));
         }
     };
-    let text = file.store.unwrap_or_else(|| "sqlite://wxgate.db".to_owned());
+    let text = file
+        .store
+        .unwrap_or_else(|| "sqlite://wxgate.db".to_owned());
     let text = text.trim();
     let store = if let Some(path) = text.strip_prefix("sqlite://") {
         if path.is_empty() {
@@ -824,7 +843,11 @@ fn session_config(file: FileSession) -> Result<SessionConfig, ConfigError> {
             "must be \"memory\" or a redis:// URL, e.g. \"redis://127.0.0.1:6379/0\"",
         ));
     };
-    let access_ttl = duration("session.access_ttl", file.access_ttl, Duration::from_secs(2 * 3600))?;
+    let access_ttl = duration(
+        "session.access_ttl",
+        file.access_ttl,
+        Duration::from_secs(2 * 3600),
+    )?;
     let refresh_ttl = duration(
         "session.refresh_ttl",
         file.refresh_ttl,
@@ -841,7 +864,10 @@ fn session_config(file: FileSession) -> Result<SessionConfig, ConfigError> {
         Some(key) if key.len() < MIN_SIGNING_KEY_BYTES => {
             return Err(ConfigError::invalid(
                 "session.signing_key",
-                format!("is {} bytes; use at least {MIN_SIGNING_KEY_BYTES} random bytes, e.g. the output of `openssl rand -base64 48`", key.len()),
+                format!(
+                    "is {} bytes; use at least {MIN_SIGNING_KEY_BYTES} random bytes, e.g. the output of `openssl rand -base64 48`",
+                    key.len()
+                ),
             ));
         }
         Some(key) => Some(Secret::new(key)),
@@ -892,19 +918,25 @@ fn headers_config(file: FileHeaders) -> Result<HeadersConfig, ConfigError> {
         if text.contains('_') || text.contains('.') {
             return Err(ConfigError::invalid(
                 &key,
-                format!("\"{text}\" contains _ or .; proxies drop or rewrite such names, use dashes, e.g. \"{default}\""),
+                format!(
+                    "\"{text}\" contains _ or .; proxies drop or rewrite such names, use dashes, e.g. \"{default}\""
+                ),
             ));
         }
         if NOT_IDENTITY_HEADERS.contains(&name.as_str()) {
             return Err(ConfigError::invalid(
                 &key,
-                format!("\"{text}\" is a standard header with its own meaning; pick a name of your own, e.g. \"{default}\""),
+                format!(
+                    "\"{text}\" is a standard header with its own meaning; pick a name of your own, e.g. \"{default}\""
+                ),
             ));
         }
         if let Some((other, _)) = seen.iter().find(|(_, n)| n == name.as_str()) {
             return Err(ConfigError::invalid(
                 &key,
-                format!("\"{text}\" is already used by {other}; each identity header needs its own name"),
+                format!(
+                    "\"{text}\" is already used by {other}; each identity header needs its own name"
+                ),
             ));
         }
         seen.push((key, name.as_str().to_owned()));
@@ -935,7 +967,9 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
                 key("prefix"),
                 format!(
                     "\"{prefix}\" is not a normalised absolute path; write it as requests are matched, e.g. \"{}\"",
-                    normal.filter(|n| n.starts_with('/')).unwrap_or_else(|| "/api/public/".to_owned())
+                    normal
+                        .filter(|n| n.starts_with('/'))
+                        .unwrap_or_else(|| "/api/public/".to_owned())
                 ),
             ));
         }
@@ -943,7 +977,10 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
         if routes::has_prefix(&prefix, &server.auth_prefix) {
             return Err(ConfigError::invalid(
                 key("prefix"),
-                format!("\"{prefix}\" is under {}, which wxgate reserves for its own endpoints and never forwards; choose another prefix or change server.auth_prefix", server.auth_prefix),
+                format!(
+                    "\"{prefix}\" is under {}, which wxgate reserves for its own endpoints and never forwards; choose another prefix or change server.auth_prefix",
+                    server.auth_prefix
+                ),
             ));
         }
         let auth = match file.auth.trim() {
@@ -953,7 +990,9 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
             other => {
                 return Err(ConfigError::invalid(
                     key("auth"),
-                    format!("\"{other}\" is not a policy; use \"public\", \"optional\" or \"required\""),
+                    format!(
+                        "\"{other}\" is not a policy; use \"public\", \"optional\" or \"required\""
+                    ),
                 ));
             }
         };
@@ -983,7 +1022,10 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
                 Some(methods)
             }
         };
-        let name = file.name.map(|n| n.trim().to_owned()).unwrap_or_else(|| prefix.clone());
+        let name = file
+            .name
+            .map(|n| n.trim().to_owned())
+            .unwrap_or_else(|| prefix.clone());
         if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
             return Err(ConfigError::invalid(
                 key("name"),
@@ -995,7 +1037,9 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
         if let Some(other) = names.get(&name).filter(|p: &&String| **p != prefix) {
             return Err(ConfigError::invalid(
                 key("name"),
-                format!("\"{name}\" already names the route for \"{other}\"; give each route its own name"),
+                format!(
+                    "\"{name}\" already names the route for \"{other}\"; give each route its own name"
+                ),
             ));
         }
         names.insert(name.clone(), prefix.clone());
@@ -1016,7 +1060,12 @@ mod tests {
     const MINIMAL: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |var| pairs.iter().find(|(k, _)| *k == var).map(|(_, v)| v.to_string())
+        move |var| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -1025,37 +1074,61 @@ mod tests {
 
     /// The message an operator would see for `text`.
     fn error(text: &str) -> String {
-        parse(text).expect_err("config should be refused").to_string()
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
     }
 
     #[test]
     fn the_shipped_config_parses_with_its_variables_set() {
         let env = env_of(&[
             ("WXGATE_SHOP_SECRET", "0123456789abcdef0123456789abcdef"),
-            ("WXGATE_SIGNING_KEY", "an-hmac-key-that-is-long-enough-for-hs256"),
+            (
+                "WXGATE_SIGNING_KEY",
+                "an-hmac-key-that-is-long-enough-for-hs256",
+            ),
         ]);
         let config = Config::parse("config.toml", include_str!("../config.toml"), &env).unwrap();
         assert_eq!(config.server.listen, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(config.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(
+            config.server.admin_listen,
+            "127.0.0.1:9090".parse().unwrap()
+        );
         assert_eq!(config.upstream.authority.as_str(), "127.0.0.1:3000");
         assert_eq!(config.wechat.api_base, "https://api.weixin.qq.com");
         assert_eq!(config.apps.len(), 1);
         assert_eq!(config.apps[0].kind, AppKind::MiniProgram);
-        assert_eq!(config.apps[0].secret.expose(), "0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            config.apps[0].secret.expose(),
+            "0123456789abcdef0123456789abcdef"
+        );
         assert_eq!(config.session.access_ttl, Duration::from_secs(7200));
         assert_eq!(config.session.refresh_ttl, Duration::from_secs(30 * 86400));
-        assert!(matches!(config.identity.store, IdentityStoreConfig::Sqlite { .. }));
-        let policies: Vec<_> = config.routes.routes().iter().map(|r| (r.prefix.as_str(), r.policy)).collect();
+        assert!(matches!(
+            config.identity.store,
+            IdentityStoreConfig::Sqlite { .. }
+        ));
+        let policies: Vec<_> = config
+            .routes
+            .routes()
+            .iter()
+            .map(|r| (r.prefix.as_str(), r.policy))
+            .collect();
         assert_eq!(
             policies,
-            [("/api/public/", Policy::Public), ("/api/feed", Policy::Optional), ("/", Policy::Required)]
+            [
+                ("/api/public/", Policy::Public),
+                ("/api/feed", Policy::Optional),
+                ("/", Policy::Required)
+            ]
         );
         assert_eq!(config.headers.user_id.as_str(), "x-user-id");
     }
 
     #[test]
     fn the_shipped_config_names_a_missing_secret() {
-        let err = Config::parse("config.toml", include_str!("../config.toml"), &env_of(&[])).unwrap_err();
+        let err =
+            Config::parse("config.toml", include_str!("../config.toml"), &env_of(&[])).unwrap_err();
         assert_eq!(
             err.to_string(),
             "apps[0].secret: environment variable WXGATE_SHOP_SECRET is not set; export it, or write ${WXGATE_SHOP_SECRET:-default} to give a default"
@@ -1076,10 +1149,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = error("[server]\nlistn = \"0.0.0.0:1\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n");
-        assert!(err.starts_with("server.listn: unknown key `listn`, expected one of `listen`"), "{err}");
-        let err = error(&format!("{MINIMAL}[[routes]]\nprefix = \"/\"\nauth = \"public\"\npolicy = \"x\"\n"));
-        assert!(err.starts_with("routes[0].policy: unknown key `policy`"), "{err}");
+        let err =
+            error("[server]\nlistn = \"0.0.0.0:1\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n");
+        assert!(
+            err.starts_with("server.listn: unknown key `listn`, expected one of `listen`"),
+            "{err}"
+        );
+        let err = error(&format!(
+            "{MINIMAL}[[routes]]\nprefix = \"/\"\nauth = \"public\"\npolicy = \"x\"\n"
+        ));
+        assert!(
+            err.starts_with("routes[0].policy: unknown key `policy`"),
+            "{err}"
+        );
         let err = error(&format!("{MINIMAL}[logging]\nlevel = \"info\"\n"));
         assert!(err.starts_with("logging: unknown key `logging`"), "{err}");
     }
@@ -1102,9 +1184,17 @@ mod tests {
         assert_eq!(get("${EMPTY}").unwrap(), "");
         assert_eq!(get("cost: $$5 and $x").unwrap(), "cost: $5 and $x");
         assert_eq!(get("${MISSING:-}").unwrap(), "");
-        assert!(get("${MISSING}").unwrap_err().contains("MISSING is not set"));
+        assert!(
+            get("${MISSING}")
+                .unwrap_err()
+                .contains("MISSING is not set")
+        );
         assert!(get("${HOST").unwrap_err().contains("without a closing"));
-        assert!(get("${9X}").unwrap_err().contains("not a variable reference"));
+        assert!(
+            get("${9X}")
+                .unwrap_err()
+                .contains("not a variable reference")
+        );
         // The value of a variable is not interpolated again.
         let env = env_of(&[("A", "${B}")]);
         assert_eq!(interpolate("k", "${A}", &env).unwrap(), "${B}");
@@ -1114,33 +1204,58 @@ mod tests {
     fn interpolation_applies_inside_arrays_and_names_the_key() {
         let text = "[server]\ntrusted_proxies = [\"10.0.0.1\", \"${PROXY}\"]\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
         let err = error(text);
-        assert!(err.starts_with("server.trusted_proxies[1]: environment variable PROXY"), "{err}");
+        assert!(
+            err.starts_with("server.trusted_proxies[1]: environment variable PROXY"),
+            "{err}"
+        );
         let config = Config::parse("t", text, &env_of(&[("PROXY", "192.168.0.0/16")])).unwrap();
         assert_eq!(config.server.trusted_proxies.len(), 2);
     }
 
     #[test]
     fn durations_are_human() {
-        let text = |d: &str| format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\ntimeout = \"{d}\"\n");
-        assert_eq!(parse(&text("500ms")).unwrap().upstream.timeout, Duration::from_millis(500));
-        assert_eq!(parse(&text("2h")).unwrap().upstream.timeout, Duration::from_secs(7200));
-        assert_eq!(parse(&text("30d")).unwrap().upstream.timeout, Duration::from_secs(30 * 86400));
+        let text =
+            |d: &str| format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\ntimeout = \"{d}\"\n");
+        assert_eq!(
+            parse(&text("500ms")).unwrap().upstream.timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse(&text("2h")).unwrap().upstream.timeout,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            parse(&text("30d")).unwrap().upstream.timeout,
+            Duration::from_secs(30 * 86400)
+        );
         assert!(error(&text("30")).starts_with("upstream.timeout: \"30\" is not a duration"));
         assert!(error(&text("0s")).starts_with("upstream.timeout: must be longer than zero"));
         let wrong_type = error("[upstream]\nurl = \"http://127.0.0.1:3000\"\ntimeout = 30\n");
-        assert!(wrong_type.starts_with("upstream.timeout: invalid type"), "{wrong_type}");
+        assert!(
+            wrong_type.starts_with("upstream.timeout: invalid type"),
+            "{wrong_type}"
+        );
     }
 
     #[test]
     fn cross_field_rules_name_the_key_and_the_fix() {
         let cases: &[(&str, &str)] = &[
-            ("[server]\nlisten = \"localhost:80\"\n", "server.listen: \"localhost:80\" is not an IP:PORT address"),
+            (
+                "[server]\nlisten = \"localhost:80\"\n",
+                "server.listen: \"localhost:80\" is not an IP:PORT address",
+            ),
             (
                 "[server]\nlisten = \"127.0.0.1:9090\"\nadmin_listen = \"127.0.0.1:9090\"\n",
                 "server.admin_listen: is the same address as server.listen",
             ),
-            ("[server]\nworkers = 0\n", "server.workers: 0 is out of range"),
-            ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "server.trusted_proxies[0]: \"10.0.0.0/33\" is neither"),
+            (
+                "[server]\nworkers = 0\n",
+                "server.workers: 0 is out of range",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies[0]: \"10.0.0.0/33\" is neither",
+            ),
             ("[server]\nauth_prefix = \"/\"\n", "server.auth_prefix:"),
             (
                 "[[apps]]\nname = \"shop\"\nkind = \"miniprogram\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\n[[apps]]\nname = \"shop\"\nkind = \"app\"\nappid = \"wx0123456789abcde0\"\nsecret = \"s\"\n",
@@ -1150,24 +1265,78 @@ mod tests {
                 "[[apps]]\nname = \"a\"\nkind = \"miniprogram\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\n[[apps]]\nname = \"b\"\nkind = \"app\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\n",
                 "apps[1].appid: wx0123456789abcdef is already the appid of apps[0]",
             ),
-            ("[[apps]]\nname = \"a\"\nkind = \"mini\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\n", "apps[0].kind: \"mini\" is not an app kind"),
-            ("[[apps]]\nname = \"a\"\nkind = \"app\"\nappid = \"0123\"\nsecret = \"s\"\n", "apps[0].appid: \"0123\" is not a WeChat AppID"),
-            ("[[apps]]\nname = \"a\"\nkind = \"app\"\nappid = \"wx0123456789abcdef\"\nsecret = \"\"\n", "apps[0].secret: is empty"),
-            ("[identity]\nuser_id = \"email\"\n", "identity.user_id: \"email\" is not a mode"),
-            ("[identity]\nstore = \"mysql://x\"\n", "identity.store: must start with sqlite:// or postgres://"),
-            ("[session]\nstore = \"memcached://x\"\n", "session.store: must be \"memory\" or a redis:// URL"),
-            ("[session]\nsigning_key = \"short\"\n", "session.signing_key: is 5 bytes; use at least 32"),
-            ("[session]\naccess_ttl = \"2d\"\nrefresh_ttl = \"1d\"\n", "session.refresh_ttl: is shorter than session.access_ttl"),
-            ("[headers]\nuser_id = \"X User\"\n", "headers.user_id: \"X User\" is not a valid header name"),
-            ("[headers]\nuser_id = \"X_User_Id\"\n", "headers.user_id: \"X_User_Id\" contains _ or ."),
-            ("[headers]\nuser_id = \"Authorization\"\n", "headers.user_id: \"Authorization\" is a standard header"),
-            ("[headers]\nopenid = \"X-User-Id\"\n", "headers.openid: \"X-User-Id\" is already used by headers.user_id"),
-            ("[[routes]]\nprefix = \"api\"\nauth = \"public\"\n", "routes[0].prefix: \"api\" is not a normalised absolute path"),
-            ("[[routes]]\nprefix = \"/api/../x\"\nauth = \"public\"\n", "routes[0].prefix: \"/api/../x\" is not a normalised absolute path; write it as requests are matched, e.g. \"/x\""),
-            ("[[routes]]\nprefix = \"/auth/login\"\nauth = \"public\"\n", "routes[0].prefix: \"/auth/login\" is under /auth"),
-            ("[[routes]]\nprefix = \"/x\"\nauth = \"open\"\n", "routes[0].auth: \"open\" is not a policy"),
-            ("[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nmethods = []\n", "routes[0].methods: is empty"),
-            ("[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nmethods = [\"GE T\"]\n", "routes[0].methods: \"GE T\" is not an HTTP method"),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"mini\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\n",
+                "apps[0].kind: \"mini\" is not an app kind",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"app\"\nappid = \"0123\"\nsecret = \"s\"\n",
+                "apps[0].appid: \"0123\" is not a WeChat AppID",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"app\"\nappid = \"wx0123456789abcdef\"\nsecret = \"\"\n",
+                "apps[0].secret: is empty",
+            ),
+            (
+                "[identity]\nuser_id = \"email\"\n",
+                "identity.user_id: \"email\" is not a mode",
+            ),
+            (
+                "[identity]\nstore = \"mysql://x\"\n",
+                "identity.store: must start with sqlite:// or postgres://",
+            ),
+            (
+                "[session]\nstore = \"memcached://x\"\n",
+                "session.store: must be \"memory\" or a redis:// URL",
+            ),
+            (
+                "[session]\nsigning_key = \"short\"\n",
+                "session.signing_key: is 5 bytes; use at least 32",
+            ),
+            (
+                "[session]\naccess_ttl = \"2d\"\nrefresh_ttl = \"1d\"\n",
+                "session.refresh_ttl: is shorter than session.access_ttl",
+            ),
+            (
+                "[headers]\nuser_id = \"X User\"\n",
+                "headers.user_id: \"X User\" is not a valid header name",
+            ),
+            (
+                "[headers]\nuser_id = \"X_User_Id\"\n",
+                "headers.user_id: \"X_User_Id\" contains _ or .",
+            ),
+            (
+                "[headers]\nuser_id = \"Authorization\"\n",
+                "headers.user_id: \"Authorization\" is a standard header",
+            ),
+            (
+                "[headers]\nopenid = \"X-User-Id\"\n",
+                "headers.openid: \"X-User-Id\" is already used by headers.user_id",
+            ),
+            (
+                "[[routes]]\nprefix = \"api\"\nauth = \"public\"\n",
+                "routes[0].prefix: \"api\" is not a normalised absolute path",
+            ),
+            (
+                "[[routes]]\nprefix = \"/api/../x\"\nauth = \"public\"\n",
+                "routes[0].prefix: \"/api/../x\" is not a normalised absolute path; write it as requests are matched, e.g. \"/x\"",
+            ),
+            (
+                "[[routes]]\nprefix = \"/auth/login\"\nauth = \"public\"\n",
+                "routes[0].prefix: \"/auth/login\" is under /auth",
+            ),
+            (
+                "[[routes]]\nprefix = \"/x\"\nauth = \"open\"\n",
+                "routes[0].auth: \"open\" is not a policy",
+            ),
+            (
+                "[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nmethods = []\n",
+                "routes[0].methods: is empty",
+            ),
+            (
+                "[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nmethods = [\"GE T\"]\n",
+                "routes[0].methods: \"GE T\" is not an HTTP method",
+            ),
             (
                 "[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nname = \"n\"\n[[routes]]\nprefix = \"/y\"\nauth = \"public\"\nname = \"n\"\n",
                 "routes[1].name: \"n\" already names the route for \"/x\"",
@@ -1175,7 +1344,10 @@ mod tests {
         ];
         for (section, expected) in cases {
             let err = error(&format!("{MINIMAL}{section}"));
-            assert!(err.starts_with(expected), "\nexpected: {expected}\n     got: {err}");
+            assert!(
+                err.starts_with(expected),
+                "\nexpected: {expected}\n     got: {err}"
+            );
             assert!(!err.contains('\n'), "one line: {err}");
         }
     }
@@ -1183,16 +1355,34 @@ mod tests {
     #[test]
     fn upstream_urls_are_checked() {
         let cases = [
-            ("http://127.0.0.1:3000/?x=1", "upstream.url: must not have a query"),
-            ("https://10.0.0.1", "upstream.url: https upstreams are not supported yet"),
-            ("ftp://10.0.0.1", "upstream.url: \"ftp://10.0.0.1\" needs the http:// scheme"),
-            ("127.0.0.1:3000", "upstream.url: \"127.0.0.1:3000\" needs the http:// scheme"),
-            ("http://user:pw@10.0.0.1", "upstream.url: must not carry user:password"),
+            (
+                "http://127.0.0.1:3000/?x=1",
+                "upstream.url: must not have a query",
+            ),
+            (
+                "https://10.0.0.1",
+                "upstream.url: https upstreams are not supported yet",
+            ),
+            (
+                "ftp://10.0.0.1",
+                "upstream.url: \"ftp://10.0.0.1\" needs the http:// scheme",
+            ),
+            (
+                "127.0.0.1:3000",
+                "upstream.url: \"127.0.0.1:3000\" needs the http:// scheme",
+            ),
+            (
+                "http://user:pw@10.0.0.1",
+                "upstream.url: must not carry user:password",
+            ),
             ("not a url", "upstream.url: \"not a url\" is not a URL"),
         ];
         for (url, expected) in cases {
             let err = error(&format!("[upstream]\nurl = \"{url}\"\n"));
-            assert!(err.starts_with(expected), "\nexpected: {expected}\n     got: {err}");
+            assert!(
+                err.starts_with(expected),
+                "\nexpected: {expected}\n     got: {err}"
+            );
         }
         let config = parse("[upstream]\nurl = \"http://10.0.0.1:3000/base/\"\n").unwrap();
         assert_eq!(config.upstream.base_path, "/base");

@@ -75,7 +75,9 @@ impl Error {
     /// One sentence for the client. Never includes a cause.
     pub fn message(&self) -> &'static str {
         match self {
-            Error::BadPath(PathError::NotAbsolute) => "The request target must be an absolute path.",
+            Error::BadPath(PathError::NotAbsolute) => {
+                "The request target must be an absolute path."
+            }
             Error::BadPath(PathError::BadPercentEncoding) => {
                 "The path contains a % that is not followed by two hex digits."
             }
@@ -114,9 +116,10 @@ impl Error {
             _ => None,
         };
         if let Some(challenge) = challenge {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         response
             .headers_mut()
@@ -163,7 +166,9 @@ mod tests {
     async fn login_required_is_a_json_401_with_a_bearer_challenge() {
         let response = Error::LoginRequired.to_response();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-        let challenge = response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        let challenge = response.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap();
         assert!(challenge.starts_with("Bearer"), "{challenge}");
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
         let body = body_json(response).await;
@@ -177,6 +182,9 @@ mod tests {
         let response = err.to_response();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         let text = body_json(response).await.to_string();
-        assert!(!text.contains("10.1.2.3") && !text.contains("token"), "{text}");
+        assert!(
+            !text.contains("10.1.2.3") && !text.contains("token"),
+            "{text}"
+        );
     }
 }

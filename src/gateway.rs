@@ -52,7 +52,11 @@ struct Labels {
 pub type ConnectionService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
 impl Gateway {
-    pub fn new(config: &Config, authenticator: Arc<dyn Authenticator>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        authenticator: Arc<dyn Authenticator>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Gateway {
             routes: config.routes.clone(),
             auth_prefix: config.server.auth_prefix.clone(),
@@ -94,9 +98,14 @@ impl Gateway {
                 async move {
                     // A panic becomes a JSON 500 and a count, never a dropped connection. (tower-http's
                     // CatchPanic does the same but re-boxes every response body, on every request.)
-                    let handled = AssertUnwindSafe(gateway.handle(request, client)).catch_unwind().await;
+                    let handled = AssertUnwindSafe(gateway.handle(request, client))
+                        .catch_unwind()
+                        .await;
                     Ok::<_, Infallible>(handled.unwrap_or_else(|_panic| {
-                        error::respond(Error::Internal("panic while handling a request".into()), &metrics)
+                        error::respond(
+                            Error::Internal("panic while handling a request".into()),
+                            &metrics,
+                        )
                     }))
                 }
             });
@@ -115,7 +124,10 @@ impl Gateway {
             .unwrap_or("")
             .to_owned();
         let span = tracing::info_span!("request", %method, request_id = %request_id, path = tracing::field::Empty);
-        let outcome = self.route_and_forward(request, client).instrument(span.clone()).await;
+        let outcome = self
+            .route_and_forward(request, client)
+            .instrument(span.clone())
+            .await;
         let response = match outcome.result {
             Ok(response) => response,
             Err(err) => span.in_scope(|| error::respond(err, &self.metrics)),
@@ -171,14 +183,13 @@ impl Gateway {
         }
 
         // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(host) = parts
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(host) = parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, host);
-            }
+        {
+            parts.headers.insert(header::HOST, host);
         }
         if let Err(e) = self
             .headers

@@ -50,7 +50,9 @@ pub struct Metrics {
 
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~13 s: proxying on loopback sits at the bottom, slow backends at the top.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 18,
+    ))
 }
 
 impl Default for Metrics {
@@ -112,7 +114,9 @@ impl Metrics {
     }
 
     pub fn count_error(&self, code: &'static str) {
-        self.errors.get_or_create(&ErrorLabels { error: code }).inc();
+        self.errors
+            .get_or_create(&ErrorLabels { error: code })
+            .inc();
     }
 
     /// Counts a request as in flight until the returned guard is dropped.
@@ -155,7 +159,13 @@ mod tests {
             text.contains(r#"wxgate_http_requests_total{route="/api/public/",status="200"} 2"#),
             "{text}"
         );
-        assert!(text.contains(r#"wxgate_http_request_duration_seconds_count{route="/api/public/"} 2"#), "{text}");
-        assert!(text.contains(r#"wxgate_errors_total{error="login_required"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"wxgate_http_request_duration_seconds_count{route="/api/public/"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"wxgate_errors_total{error="login_required"} 1"#),
+            "{text}"
+        );
     }
 }

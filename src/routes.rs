@@ -42,8 +42,7 @@ pub struct Route {
 
 impl Route {
     fn matches(&self, method: &Method, path: &str) -> bool {
-        has_prefix(path, &self.prefix)
-            && self.methods.as_ref().is_none_or(|m| m.contains(method))
+        has_prefix(path, &self.prefix) && self.methods.as_ref().is_none_or(|m| m.contains(method))
     }
 }
 
@@ -101,7 +100,9 @@ pub enum PathError {
     BadPercentEncoding,
     #[error("the path has an encoded slash or backslash (%2F, %5C) or a raw backslash")]
     EncodedSlash,
-    #[error("the path has a dot segment with parameters (like \"..;\"), which backends resolve differently")]
+    #[error(
+        "the path has a dot segment with parameters (like \"..;\"), which backends resolve differently"
+    )]
     AmbiguousDotSegment,
 }
 
@@ -157,7 +158,10 @@ pub fn normalize_path(raw: &str, allow_encoded_slashes: bool) -> Result<String, 
 }
 
 /// Decodes percent-encoded unreserved characters of one segment and upper-cases the rest.
-fn decode_segment(part: &str, allow_encoded_slashes: bool) -> Result<std::borrow::Cow<'_, str>, PathError> {
+fn decode_segment(
+    part: &str,
+    allow_encoded_slashes: bool,
+) -> Result<std::borrow::Cow<'_, str>, PathError> {
     let bytes = part.as_bytes();
     if !bytes.iter().any(|&b| b == b'%' || b == b'\\') {
         return Ok(std::borrow::Cow::Borrowed(part));
@@ -167,7 +171,9 @@ fn decode_segment(part: &str, allow_encoded_slashes: bool) -> Result<std::borrow
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadPercentEncoding)?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or(PathError::BadPercentEncoding)?;
                 let (hi, lo) = (hex_value(hex[0]), hex_value(hex[1]));
                 let (Some(hi), Some(lo)) = (hi, lo) else {
                     return Err(PathError::BadPercentEncoding);
@@ -233,7 +239,16 @@ mod tests {
 
     #[test]
     fn plain_paths_are_unchanged() {
-        for p in ["/", "/api", "/api/", "/api/public/x", "/a%20b", "/caf%C3%A9", "/a;b=c", "/~user"] {
+        for p in [
+            "/",
+            "/api",
+            "/api/",
+            "/api/public/x",
+            "/a%20b",
+            "/caf%C3%A9",
+            "/a;b=c",
+            "/~user",
+        ] {
             assert_eq!(norm(p).unwrap(), p, "{p}");
         }
     }
@@ -276,7 +291,13 @@ mod tests {
 
     #[test]
     fn encoded_slashes_are_rejected_by_default_and_kept_encoded_when_allowed() {
-        for p in ["/api/public%2F..%2Fprivate", "/a%2fb", "/a%5Cb", "/a%5cb", "/a\\b"] {
+        for p in [
+            "/api/public%2F..%2Fprivate",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a%5cb",
+            "/a\\b",
+        ] {
             assert_eq!(norm(p), Err(PathError::EncodedSlash), "{p}");
         }
         assert_eq!(normalize_path("/a%2fb", true).unwrap(), "/a%2Fb");
@@ -290,7 +311,13 @@ mod tests {
 
     #[test]
     fn dot_segments_with_parameters_are_rejected() {
-        for p in ["/public/..;/admin", "/public/.;/x", "/public/..;jsessionid=1/admin", "/p/..%3B/a", "/p/%2e%2e;/a"] {
+        for p in [
+            "/public/..;/admin",
+            "/public/.;/x",
+            "/public/..;jsessionid=1/admin",
+            "/p/..%3B/a",
+            "/p/%2e%2e;/a",
+        ] {
             assert_eq!(norm(p), Err(PathError::AmbiguousDotSegment), "{p}");
         }
         assert_eq!(norm("/a/...;x").unwrap(), "/a/...;x");
@@ -325,15 +352,31 @@ mod tests {
     #[test]
     fn first_match_wins_and_no_match_is_required() {
         let table = RouteTable::new(vec![
-            route("/api/public/", Some(vec![Method::GET, Method::HEAD]), Policy::Public),
+            route(
+                "/api/public/",
+                Some(vec![Method::GET, Method::HEAD]),
+                Policy::Public,
+            ),
             route("/api/public/", None, Policy::Optional),
             route("/static", None, Policy::Public),
         ]);
-        assert_eq!(table.matching(&Method::GET, "/api/public/x").policy, Policy::Public);
-        assert_eq!(table.matching(&Method::POST, "/api/public/x").policy, Policy::Optional);
-        assert_eq!(table.matching(&Method::GET, "/static").policy, Policy::Public);
+        assert_eq!(
+            table.matching(&Method::GET, "/api/public/x").policy,
+            Policy::Public
+        );
+        assert_eq!(
+            table.matching(&Method::POST, "/api/public/x").policy,
+            Policy::Optional
+        );
+        assert_eq!(
+            table.matching(&Method::GET, "/static").policy,
+            Policy::Public
+        );
         let fallback = table.matching(&Method::GET, "/api/private");
-        assert_eq!((fallback.policy, &*fallback.name), (Policy::Required, "default"));
+        assert_eq!(
+            (fallback.policy, &*fallback.name),
+            (Policy::Required, "default")
+        );
     }
 
     proptest! {

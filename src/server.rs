@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
 use crate::auth::{Anonymous, Authenticator};
@@ -33,14 +34,25 @@ impl Listeners {
     /// Binds the addresses of `[server]`.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let main = TcpListener::bind(config.server.listen).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {} (server.listen): {e}", config.server.listen))
-        })?;
-        let admin = TcpListener::bind(config.server.admin_listen).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cannot listen on {} (server.admin_listen): {e}", config.server.admin_listen),
+                format!(
+                    "cannot listen on {} (server.listen): {e}",
+                    config.server.listen
+                ),
             )
         })?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on {} (server.admin_listen): {e}",
+                        config.server.admin_listen
+                    ),
+                )
+            })?;
         Ok(Listeners { main, admin })
     }
 }
@@ -76,16 +88,26 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish for at
     /// most `server.shutdown_timeout`, and returns.
-    pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
         let main_addr = listeners.main.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
-        let gateway = Arc::new(Gateway::new(&self.config, self.authenticator.clone(), self.metrics.clone()));
+        let gateway = Arc::new(Gateway::new(
+            &self.config,
+            self.authenticator.clone(),
+            self.metrics.clone(),
+        ));
         let admin = Admin {
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
         };
         let builder = connection_builder();
         let graceful = GracefulShutdown::new();
+        // Cancelled when the drain deadline passes: connections still open then are cut off.
+        let cut_off = CancellationToken::new();
 
         self.readiness.set(true);
         tracing::info!(listen = %main_addr, admin = %admin_addr, "wxgate ready");
@@ -99,7 +121,7 @@ impl Server {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
                     let service = TowerToHyperService::new(gateway.service(peer, "http"));
                     let connection = builder.serve_connection_with_upgrades(io(stream), service);
-                    spawn_connection(graceful.watch(connection.into_owned()), peer);
+                    spawn_connection(graceful.watch(connection.into_owned()), peer, cut_off.clone());
                 }
                 accepted = listeners.admin.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "admin").await else { continue };
@@ -109,7 +131,7 @@ impl Server {
                         async move { admin.handle(request).await }
                     });
                     let connection = builder.serve_connection(io(stream), service);
-                    spawn_connection(graceful.watch(connection.into_owned()), peer);
+                    spawn_connection(graceful.watch(connection.into_owned()), peer, cut_off.clone());
                 }
             }
         }
@@ -121,7 +143,10 @@ impl Server {
         tracing::info!(connections = open, timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
         match tokio::time::timeout(self.config.server.shutdown_timeout, graceful.shutdown()).await {
             Ok(()) => tracing::info!("all connections drained"),
-            Err(_) => tracing::warn!("shutdown timeout reached; closing the remaining connections"),
+            Err(_) => {
+                tracing::warn!("shutdown timeout reached; closing the remaining connections");
+                cut_off.cancel();
+            }
         }
         Ok(())
     }
@@ -164,14 +189,19 @@ async fn accepted_or_pause(
     }
 }
 
-fn spawn_connection<F, E>(connection: F, peer: SocketAddr)
+fn spawn_connection<F, E>(connection: F, peer: SocketAddr, cut_off: CancellationToken)
 where
     F: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        tokio::select! {
+            result = connection => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+            () = cut_off.cancelled() => tracing::debug!(%peer, "connection cut off at the shutdown timeout"),
         }
     });
 }

@@ -20,7 +20,8 @@ pub struct Identity {
 }
 
 /// The future an [`Authenticator`] returns.
-pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<Identity>, Error>> + Send + 'a>>;
+pub type AuthFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Identity>, Error>> + Send + 'a>>;
 
 /// Decides who a request comes from.
 ///

@@ -126,7 +126,11 @@ impl HeaderRules {
                 if name.contains('_') && !self.allow_underscores {
                     return true;
                 }
-                if self.identity_names().iter().any(|id| same_header(name, id.as_str())) {
+                if self
+                    .identity_names()
+                    .iter()
+                    .any(|id| same_header(name, id.as_str()))
+                {
                     return true;
                 }
                 FORWARDING
@@ -160,10 +164,10 @@ impl HeaderRules {
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
         }
-        if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-            if let Some(host) = headers.get(header::HOST).cloned() {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
+        if !(trusted && headers.contains_key(&X_FORWARDED_HOST))
+            && let Some(host) = headers.get(header::HOST).cloned()
+        {
+            headers.insert(X_FORWARDED_HOST, host);
         }
     }
 
@@ -199,7 +203,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes `Authorization: Bearer ...`: those are wxgate's tokens, meaningless and dangerous to a
 /// backend. Other schemes (Basic, a backend's own) pass through.
 fn remove_bearer_credentials(headers: &mut HeaderMap) {
-    if headers.get_all(header::AUTHORIZATION).iter().any(auth::is_bearer) {
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(auth::is_bearer)
+    {
         headers.remove(header::AUTHORIZATION);
     }
 }
@@ -247,14 +255,23 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
 
     #[test]
     fn names_fold_case_underscore_and_dot() {
-        for forged in ["X-User-Id", "x_user_id", "X.User.Id", "x-USER_id", "X_User.Id"] {
+        for forged in [
+            "X-User-Id",
+            "x_user_id",
+            "X.User.Id",
+            "x-USER_id",
+            "X_User.Id",
+        ] {
             assert!(same_header(forged, "x-user-id"), "{forged}");
         }
         assert!(!same_header("x-user-idx", "x-user-id"));
@@ -271,8 +288,13 @@ mod tests {
                 ("x-wechat-unionid", "forged"),
                 ("x-other", "kept"),
             ]);
-            rules(&[], allow).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
-            assert!(!h.keys().any(|k| same_header(k.as_str(), "x-user-id")), "{h:?}");
+            rules(&[], allow)
+                .prepare_request(&mut h, None, client("203.0.113.9"))
+                .unwrap();
+            assert!(
+                !h.keys().any(|k| same_header(k.as_str(), "x-user-id")),
+                "{h:?}"
+            );
             assert!(!h.contains_key("x-wechat-unionid"));
             assert_eq!(h["x-other"], "kept");
         }
@@ -281,10 +303,14 @@ mod tests {
     #[test]
     fn underscore_names_are_dropped_unless_allowed() {
         let mut h = map(&[("my_header", "v")]);
-        rules(&[], false).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
+        rules(&[], false)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
         assert!(!h.contains_key("my_header"));
         let mut h = map(&[("my_header", "v")]);
-        rules(&[], true).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
+        rules(&[], true)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
         assert_eq!(h["my_header"], "v");
     }
 
@@ -319,10 +345,14 @@ mod tests {
     #[test]
     fn bearer_credentials_are_not_forwarded_but_other_schemes_are() {
         let mut h = map(&[("authorization", "Bearer eyJ.abc.def")]);
-        rules(&[], false).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
+        rules(&[], false)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
         assert!(!h.contains_key("authorization"));
         let mut h = map(&[("authorization", "Basic dXNlcjpwdw==")]);
-        rules(&[], false).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
+        rules(&[], false)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
         assert_eq!(h["authorization"], "Basic dXNlcjpwdw==");
     }
 
@@ -337,7 +367,9 @@ mod tests {
             ("x-real-ip", "1.2.3.4"),
             ("forwarded", "for=1.2.3.4"),
         ]);
-        rules(&[], true).prepare_request(&mut h, None, client("203.0.113.9")).unwrap();
+        rules(&[], true)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example.com");
@@ -365,24 +397,32 @@ mod tests {
     /// Header names a forger would try: each identity header in every mix of case and separators,
     /// plus unrelated names.
     fn header_name() -> impl Strategy<Value = String> {
-        let forged = prop::sample::select(vec!["x-user-id", "x-wechat-appid", "x-wechat-openid", "x-wechat-unionid"])
-            .prop_flat_map(|canonical| {
-                let len = canonical.len();
-                (Just(canonical), prop::collection::vec((any::<bool>(), 0u8..3), len))
-            })
-            .prop_map(|(canonical, choices)| {
-                canonical
-                    .chars()
-                    .zip(choices)
-                    .map(|(c, (upper, sep))| match (c, sep) {
-                        ('-', 0) => '-',
-                        ('-', 1) => '_',
-                        ('-', _) => '.',
-                        (c, _) if upper => c.to_ascii_uppercase(),
-                        (c, _) => c,
-                    })
-                    .collect()
-            });
+        let forged = prop::sample::select(vec![
+            "x-user-id",
+            "x-wechat-appid",
+            "x-wechat-openid",
+            "x-wechat-unionid",
+        ])
+        .prop_flat_map(|canonical| {
+            let len = canonical.len();
+            (
+                Just(canonical),
+                prop::collection::vec((any::<bool>(), 0u8..3), len),
+            )
+        })
+        .prop_map(|(canonical, choices)| {
+            canonical
+                .chars()
+                .zip(choices)
+                .map(|(c, (upper, sep))| match (c, sep) {
+                    ('-', 0) => '-',
+                    ('-', 1) => '_',
+                    ('-', _) => '.',
+                    (c, _) if upper => c.to_ascii_uppercase(),
+                    (c, _) => c,
+                })
+                .collect()
+        });
         prop_oneof![forged, "[a-zA-Z][a-zA-Z0-9_.-]{0,20}"]
     }
 

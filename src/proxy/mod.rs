@@ -54,14 +54,21 @@ impl Upstream {
     /// Sends `request` to the backend at `path` (normalised) with the client's query, and returns the
     /// backend's response with its body still streaming. The request's headers must already be
     /// prepared by [`headers::HeaderRules::prepare_request`], and carry the client's `Host`.
-    pub async fn forward(&self, mut request: Request<Body>, path: &str) -> Result<Response<Body>, Error> {
+    pub async fn forward(
+        &self,
+        mut request: Request<Body>,
+        path: &str,
+    ) -> Result<Response<Body>, Error> {
         *request.uri_mut() = self.target(request.uri(), path)?;
         // The client may speak HTTP/2 to us; the pool speaks HTTP/1.1 to the backend.
         *request.version_mut() = Version::HTTP_11;
         if !self.preserve_host {
-            request.headers_mut().insert(header::HOST, self.host.clone());
+            request
+                .headers_mut()
+                .insert(header::HOST, self.host.clone());
         }
-        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
+        {
             Err(_elapsed) => return Err(Error::UpstreamTimeout),
             Ok(Err(e)) => return Err(Error::UpstreamUnavailable(Box::new(e))),
             Ok(Ok(response)) => response,
