@@ -56,39 +56,33 @@ async fn main() -> anyhow::Result<()> {
     println!("  admin           http://{admin}/metrics");
 
     let client = Client::builder(TokioExecutor::new()).build_http::<body::Body>();
-    let steps: [(&str, &str, &[(&str, &str)]); 6] = [
-        (
-            "Browse a public route, trying to forge an identity",
-            "/api/public/products",
-            &[("X-User-Id", "admin"), ("x_user_id", "admin")],
-        ),
-        (
-            "Call a protected route without logging in",
-            "/api/orders",
-            &[],
-        ),
-        (
+    let steps = [
+        Step {
+            title: "Browse a public route, trying to forge an identity",
+            target: "/api/public/products",
+            headers: &[("X-User-Id", "admin"), ("x_user_id", "admin")],
+        },
+        Step::plain("Call a protected route without logging in", "/api/orders"),
+        Step::plain(
             "Sneak into it through a public prefix with ../",
             "/api/public/../orders",
-            &[],
         ),
-        (
+        Step::plain(
             "The same, with the dots percent-encoded",
             "/api/public/%2e%2e/orders",
-            &[],
         ),
-        (
-            "Hide a slash in the path as %2F",
-            "/api/public/..%2Forders",
-            &[],
-        ),
-        (
-            "wxgate's own endpoints are never forwarded",
-            "/auth/login",
-            &[],
-        ),
+        Step::plain("Hide a slash in the path as %2F", "/api/public/..%2Forders"),
+        Step::plain("wxgate's own endpoints are never forwarded", "/auth/login"),
     ];
-    for (n, (title, target, headers)) in steps.iter().enumerate() {
+    for (
+        n,
+        Step {
+            title,
+            target,
+            headers,
+        },
+    ) in steps.iter().enumerate()
+    {
         let before = backend.requests().len();
         let mut request = Request::get(format!("http://{gate}{target}"));
         for (name, value) in headers.iter() {
@@ -136,4 +130,21 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop.send(());
     server.await??;
     Ok(())
+}
+
+/// One request of the scripted client.
+struct Step {
+    title: &'static str,
+    target: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+impl Step {
+    fn plain(title: &'static str, target: &'static str) -> Self {
+        Step {
+            title,
+            target,
+            headers: &[],
+        }
+    }
 }
