@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (gate, admin) = (listeners.main.local_addr()?, listeners.admin.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::new(config);
+    let server = Server::new(config).await?;
     let readiness = server.readiness();
     let server = tokio::spawn(server.serve(listeners, async {
         let _ = stopped.await;

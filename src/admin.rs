@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::json;
 
+use crate::auth::service::AuthService;
 use crate::body::{self, Body};
 use crate::metrics::Metrics;
 
@@ -31,6 +32,8 @@ impl Readiness {
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
+    /// Its stores must answer for the instance to be ready.
+    pub auth: Option<Arc<AuthService>>,
 }
 
 impl Admin {
@@ -47,13 +50,7 @@ impl Admin {
         }
         let response = match request.uri().path() {
             "/healthz" => body::json(StatusCode::OK, &json!({"status": "ok"})),
-            "/readyz" if self.readiness.is_ready() => {
-                body::json(StatusCode::OK, &json!({"status": "ready"}))
-            }
-            "/readyz" => body::json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "message": "Starting up or shutting down."}),
-            ),
+            "/readyz" => self.readyz().await,
             "/metrics" => {
                 let mut response = Response::new(body::full(self.metrics.render()));
                 response.headers_mut().insert(
@@ -68,5 +65,24 @@ impl Admin {
             ),
         };
         Ok(response)
+    }
+
+    async fn readyz(&self) -> Response<Body> {
+        if !self.readiness.is_ready() {
+            return body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "message": "Starting up or shutting down."}),
+            );
+        }
+        if let Some(auth) = &self.auth
+            && let Err(e) = auth.ready().await
+        {
+            tracing::warn!(error = %e, "not ready: identity store does not answer");
+            return body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "message": "The identity store does not answer."}),
+            );
+        }
+        body::json(StatusCode::OK, &json!({"status": "ready"}))
     }
 }

@@ -210,7 +210,11 @@ pub struct FileSession {
     /// Lifetime of a refresh token and of an unused session. Default `"30d"`.
     pub refresh_ttl: Option<String>,
     /// HMAC key for access tokens, at least 32 bytes. Write `${VAR}` and keep it in the environment.
+    /// Required once `[[apps]]` are configured.
     pub signing_key: Option<String>,
+    /// Most sessions kept in memory (`store = "memory"`); beyond it the least used are dropped and
+    /// their users log in again. Default 1000000.
+    pub max_sessions: Option<u64>,
 }
 
 /// One `[[routes]]` entry.
@@ -350,6 +354,7 @@ pub struct SessionConfig {
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
     pub signing_key: Option<Secret>,
+    pub max_sessions: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -406,6 +411,12 @@ impl Config {
         let session = session_config(file.session)?;
         let headers = headers_config(file.headers)?;
         let routes = routes_config(file.routes, &server)?;
+        if !apps.is_empty() && session.signing_key.is_none() {
+            return Err(ConfigError::invalid(
+                "session.signing_key",
+                "is required once [[apps]] are configured; set it to at least 32 random bytes, e.g. signing_key = \"${WXGATE_SIGNING_KEY}\"",
+            ));
+        }
         Ok(Config {
             server,
             upstream,
@@ -872,11 +883,22 @@ fn session_config(file: FileSession) -> Result<SessionConfig, ConfigError> {
         }
         Some(key) => Some(Secret::new(key)),
     };
+    let max_sessions = match file.max_sessions {
+        None => 1_000_000,
+        Some(n @ 1..) => n,
+        Some(_) => {
+            return Err(ConfigError::invalid(
+                "session.max_sessions",
+                "must be at least 1, e.g. 1000000",
+            ));
+        }
+    };
     Ok(SessionConfig {
         store,
         access_ttl,
         refresh_ttl,
         signing_key,
+        max_sessions,
     })
 }
 

@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::body::{self, Body, BoxError};
 use crate::metrics::Metrics;
 use crate::routes::PathError;
+use crate::wechat::client::WechatError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,6 +38,36 @@ pub enum Error {
     /// The backend did not answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// A request to a wxgate endpoint that cannot be used; the message says what was expected.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// A request body over the endpoint's limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// A wxgate endpoint called with the wrong method; carries the `Allow` value.
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// WeChat refused the login code: wrong, expired, or from another app (40029, 42003).
+    #[error("invalid login code")]
+    InvalidCode,
+    /// WeChat says the code was already exchanged (40163).
+    #[error("login code already used")]
+    CodeUsed,
+    /// WeChat's risk control blocked this user (40226).
+    #[error("login blocked by WeChat")]
+    LoginBlocked,
+    /// WeChat's per-user rate limit (45011).
+    #[error("WeChat rate limit")]
+    RateLimited,
+    /// WeChat is busy, unreachable, slow or answering garbage.
+    #[error("WeChat unavailable")]
+    WechatUnavailable(#[source] WechatError),
+    /// `identity.user_id = "unionid"` and this login yields no unionid.
+    #[error("no unionid for this user")]
+    UnionidUnavailable,
+    /// The identity store failed; logins fail closed.
+    #[error("identity store unavailable")]
+    IdentityUnavailable(#[source] BoxError),
     /// A bug: a panic or a broken invariant. The client learns nothing more.
     #[error("internal error: {0}")]
     Internal(String),
@@ -53,6 +84,20 @@ impl Error {
             Error::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::InvalidCode | Error::CodeUsed => StatusCode::BAD_REQUEST,
+            Error::LoginBlocked | Error::UnionidUnavailable => StatusCode::FORBIDDEN,
+            Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Error::WechatUnavailable(WechatError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Error::WechatUnavailable(WechatError::Api { errcode: -1 }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::WechatUnavailable(WechatError::Api { .. } | WechatError::Unavailable(_)) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::IdentityUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +113,16 @@ impl Error {
             Error::AuthUnavailable(_) => "auth_unavailable",
             Error::UpstreamUnavailable(_) => "upstream_unavailable",
             Error::UpstreamTimeout => "upstream_timeout",
+            Error::BadRequest(_) => "bad_request",
+            Error::PayloadTooLarge => "payload_too_large",
+            Error::MethodNotAllowed(_) => "method_not_allowed",
+            Error::InvalidCode => "invalid_code",
+            Error::CodeUsed => "code_used",
+            Error::LoginBlocked => "login_blocked",
+            Error::RateLimited => "rate_limited",
+            Error::WechatUnavailable(_) => "wechat_unavailable",
+            Error::UnionidUnavailable => "unionid_unavailable",
+            Error::IdentityUnavailable(_) => "identity_unavailable",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -96,6 +151,20 @@ impl Error {
             }
             Error::UpstreamUnavailable(_) => "The backend service is unavailable.",
             Error::UpstreamTimeout => "The backend service did not answer in time.",
+            Error::BadRequest(message) => message,
+            Error::PayloadTooLarge => "The request body is too large.",
+            Error::MethodNotAllowed(_) => "This endpoint does not accept that method.",
+            Error::InvalidCode => "The login code is invalid or expired; call wx.login() again.",
+            Error::CodeUsed => "The login code was already used; call wx.login() again.",
+            Error::LoginBlocked => "WeChat blocked this login for risk control.",
+            Error::RateLimited => "Too many logins for this user; try again in a minute.",
+            Error::WechatUnavailable(_) => {
+                "WeChat is unavailable; call wx.login() and try again shortly."
+            }
+            Error::UnionidUnavailable => {
+                "No unionid is known for this user, and this gateway identifies users by unionid."
+            }
+            Error::IdentityUnavailable(_) => "Login is temporarily unavailable; try again shortly.",
             Error::Internal(_) => "Internal error.",
         }
     }
@@ -120,6 +189,20 @@ impl Error {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        match self {
+            Error::MethodNotAllowed(allow) => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // WeChat's limit is per user per minute.
+            Error::RateLimited => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            _ => {}
         }
         response
             .headers_mut()

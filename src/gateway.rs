@@ -19,7 +19,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tracing::Instrument;
 
-use crate::auth::{self, Authenticator, Identity};
+use crate::auth::service::AuthService;
+use crate::auth::{Authenticator, Identity};
 use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::{self, Error};
@@ -35,6 +36,8 @@ pub struct Gateway {
     routes: RouteTable,
     auth_prefix: String,
     allow_encoded_slashes: bool,
+    /// wxgate's own endpoints; `None` when no app is configured (then they all answer 404).
+    auth: Option<Arc<AuthService>>,
     authenticator: Arc<dyn Authenticator>,
     headers: HeaderRules,
     upstream: Upstream,
@@ -54,6 +57,7 @@ pub type ConnectionService = BoxCloneSyncService<Request<Incoming>, Response<Bod
 impl Gateway {
     pub fn new(
         config: &Config,
+        auth: Option<Arc<AuthService>>,
         authenticator: Arc<dyn Authenticator>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -61,6 +65,7 @@ impl Gateway {
             routes: config.routes.clone(),
             auth_prefix: config.server.auth_prefix.clone(),
             allow_encoded_slashes: config.server.allow_encoded_slashes,
+            auth,
             authenticator,
             headers: HeaderRules::from_config(config),
             upstream: Upstream::new(&config.upstream),
@@ -158,7 +163,10 @@ impl Gateway {
 
         if routes::has_prefix(&path, &self.auth_prefix) {
             let rest = &path[self.auth_prefix.len()..];
-            let result = auth::endpoint(rest).await;
+            let result = match &self.auth {
+                Some(auth) => auth.endpoint(rest, request).await,
+                None => Err(Error::NotFound),
+            };
             return Outcome {
                 route: self.labels.auth.clone(),
                 path: Some(path),

@@ -8,7 +8,8 @@
 //! client ──> server (accept, HTTP/1.1 + h2c) ──> gateway (tower stack: panic guard, request id)
 //!              │
 //!              ├─ routes:  normalise the path, pick the first matching [[routes]] rule
-//!              ├─ auth:    /auth/* answered here; elsewhere the Authenticator proves who is calling
+//!              ├─ auth:    /auth/* answered here (wechat -> identity -> session); elsewhere the
+//!              │           Authenticator proves who is calling (token -> live session)
 //!              ├─ proxy/headers: hop-by-hop and forgeable headers out, X-Forwarded-* and identity in
 //!              └─ proxy:   pooled keep-alive client, bodies streamed both ways ──> backend
 //! admin listener: /healthz /readyz /metrics
@@ -22,7 +23,10 @@
 //! - [`server`]: listeners, accept loop, graceful shutdown;
 //! - [`gateway`]: the per-request pipeline;
 //! - [`routes`]: path normalisation and route policy;
-//! - [`auth`]: the authenticator seam and wxgate's own endpoints;
+//! - [`auth`]: the authenticator seam and wxgate's own endpoints (login, refresh, logout, session);
+//! - [`wechat`]: the WeChat API client and the mock WeChat;
+//! - [`identity`]: identity rules and the identity store (SQLite);
+//! - [`session`]: sessions, tokens and the session store (memory);
 //! - [`proxy`]: header hygiene and the upstream client;
 //! - [`error`]: the one error type and its responses;
 //! - [`admin`], [`metrics`]: operators' endpoints and Prometheus metrics;
@@ -36,11 +40,14 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod sample_backend;
 pub mod server;
+pub mod session;
+pub mod wechat;
 
 pub use config::Config;
 pub use server::{Listeners, Server};

@@ -68,10 +68,9 @@ fn main() -> ExitCode {
             .enable_all()
             .build(),
     };
-    let result = runtime.map_err(anyhow::Error::from).and_then(|runtime| {
-        runtime.block_on(async { wxgate::server::run(config, shutdown_signal()).await })?;
-        Ok(())
-    });
+    let result = runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(wxgate::server::run(config, shutdown_signal())));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

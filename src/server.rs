@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
+use crate::auth::service::{AuthService, StartError};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -60,22 +61,31 @@ impl Listeners {
 /// A configured wxgate, ready to serve.
 pub struct Server {
     config: Config,
+    auth: Option<Arc<AuthService>>,
     authenticator: Arc<dyn Authenticator>,
     metrics: Arc<Metrics>,
     readiness: Readiness,
 }
 
 impl Server {
-    pub fn new(config: Config) -> Self {
-        Server {
+    /// Opens the stores and builds the login service. Fails when a store cannot be opened.
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        let auth = AuthService::from_config(&config).await?.map(Arc::new);
+        let authenticator: Arc<dyn Authenticator> = match &auth {
+            Some(auth) => auth.clone(),
+            None => Arc::new(Anonymous),
+        };
+        Ok(Server {
             config,
-            authenticator: Arc::new(Anonymous),
+            auth,
+            authenticator,
             metrics: Arc::new(Metrics::new()),
             readiness: Readiness::default(),
-        }
+        })
     }
 
-    /// Replaces the authenticator (by default no request carries an identity).
+    /// Replaces the authenticator of proxied requests (by default: the login service's tokens, or
+    /// nobody when no app is configured). Tests use it to play fixed identities.
     pub fn with_authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
         self.authenticator = authenticator;
         self
@@ -97,12 +107,14 @@ impl Server {
         let admin_addr = listeners.admin.local_addr()?;
         let gateway = Arc::new(Gateway::new(
             &self.config,
+            self.auth.clone(),
             self.authenticator.clone(),
             self.metrics.clone(),
         ));
         let admin = Admin {
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
+            auth: self.auth.clone(),
         };
         let builder = connection_builder();
         let graceful = GracefulShutdown::new();
@@ -153,9 +165,11 @@ impl Server {
 }
 
 /// Serves `config` on freshly bound listeners until `shutdown`.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server = Server::new(config.clone()).await?;
     let listeners = Listeners::bind(&config).await?;
-    Server::new(config).serve(listeners, shutdown).await
+    server.serve(listeners, shutdown).await?;
+    Ok(())
 }
 
 fn connection_builder() -> auto::Builder<TokioExecutor> {

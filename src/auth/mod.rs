@@ -1,6 +1,9 @@
 //! Who a request comes from: the [`Authenticator`] seam the proxy asks on every non-public route, and
-//! wxgate's own endpoints under the auth prefix (`/auth/...`), which are answered here and never
-//! forwarded.
+//! wxgate's own endpoints under the auth prefix (`/auth/...`, in [`service`] and [`login`]), which are
+//! answered here and never forwarded.
+
+pub mod login;
+pub mod service;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,12 +64,6 @@ pub fn is_bearer(value: &http::HeaderValue) -> bool {
         .as_bytes()
         .get(..7)
         .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "))
-}
-
-/// Answers a request under the auth prefix. `path` is the normalised path with the prefix removed.
-/// No login method is wired in yet, so every endpoint is unknown.
-pub async fn endpoint(_path: &str) -> Result<http::Response<crate::body::Body>, Error> {
-    Err(Error::NotFound)
 }
 
 #[cfg(test)]

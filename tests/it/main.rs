@@ -3,5 +3,6 @@
 mod admin;
 mod forwarding;
 mod lifecycle;
+mod login;
 mod routing;
 mod support;

@@ -19,6 +19,7 @@ use wxgate::auth::{AuthFuture, Authenticator, Identity};
 use wxgate::body::{self, Body};
 use wxgate::error::Error;
 use wxgate::sample_backend::{Options, Recorded, SampleBackend};
+use wxgate::wechat::mock::MockWechat;
 use wxgate::{Config, Listeners, Server};
 
 /// Routes most tests use; `UPSTREAM` is replaced with the backend's URL.
@@ -70,11 +71,55 @@ impl Authenticator for TestAuthenticator {
     }
 }
 
-/// A running wxgate in front of a running sample backend.
+/// The mini program of [`LOGIN`]: bound to an Open Platform account, so logins carry unionid.
+pub const SHOP_APPID: &str = "wx1111111111111111";
+pub const SHOP_SECRET: &str = "shop-secret-0123456789";
+/// A second mini program, not bound: its logins carry no unionid.
+pub const LEGACY_APPID: &str = "wx2222222222222222";
+pub const LEGACY_SECRET: &str = "legacy-secret-0123456789";
+pub const SIGNING_KEY: &str = "test-signing-key-0123456789abcdef-0123";
+
+/// [`ROUTES`] plus login: the mock WeChat (`WECHAT`), one bound mini program, SQLite in `DATADIR`.
+pub const LOGIN: &str = r#"
+[upstream]
+url = "UPSTREAM"
+timeout = "2s"
+
+[wechat]
+api_base = "WECHAT"
+timeout = "1s"
+
+[[apps]]
+name = "shop"
+kind = "miniprogram"
+appid = "wx1111111111111111"
+secret = "shop-secret-0123456789"
+
+[identity]
+store = "sqlite://DATADIR/identities.db"
+
+[session]
+signing_key = "test-signing-key-0123456789abcdef-0123"
+
+[[routes]]
+prefix = "/api/public/"
+auth = "public"
+name = "public"
+
+[[routes]]
+prefix = "/"
+auth = "required"
+name = "private"
+"#;
+
+/// A running wxgate in front of a running sample backend, with a mock WeChat beside it.
 pub struct Gate {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub backend: SampleBackend,
+    pub wechat: Arc<MockWechat>,
+    /// Where the identity store lives (`DATADIR`); kept alive with the gate.
+    pub data: Arc<tempfile::TempDir>,
     pub readiness: Readiness,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -84,20 +129,45 @@ pub struct GateBuilder {
     toml: String,
     backend: Options,
     upstream: Option<String>,
+    fixed_tokens: bool,
+    wechat: Option<Arc<MockWechat>>,
+    data: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Gate {
-    /// wxgate with [`ROUTES`] and the test authenticator.
+    /// wxgate with [`ROUTES`] and the test authenticator's fixed tokens.
     pub async fn start() -> Gate {
         Gate::with_config(ROUTES).start().await
     }
 
-    /// wxgate with `toml` (in which `UPSTREAM` is the backend's URL).
+    /// wxgate with real login ([`LOGIN`]) against a fresh mock WeChat.
+    pub async fn login() -> Gate {
+        Gate::with_config(LOGIN).real_auth().start().await
+    }
+
+    /// wxgate with `toml`, in which `UPSTREAM` is the backend's URL, `WECHAT` the mock WeChat's and
+    /// `DATADIR` a temporary directory. Proxied requests are authenticated by the fixed tokens of
+    /// [`TestAuthenticator`] unless [`GateBuilder::real_auth`] is called.
     pub fn with_config(toml: &str) -> GateBuilder {
         GateBuilder {
             toml: toml.to_owned(),
             backend: Options::default(),
             upstream: None,
+            fixed_tokens: true,
+            wechat: None,
+            data: None,
+        }
+    }
+
+    /// The same configuration, mock WeChat and data directory again: a restart of this gate.
+    pub fn restart_builder(&self, toml: &str) -> GateBuilder {
+        GateBuilder {
+            toml: toml.to_owned(),
+            backend: Options::default(),
+            upstream: None,
+            fixed_tokens: false,
+            wechat: Some(self.wechat.clone()),
+            data: Some(self.data.clone()),
         }
     }
 
@@ -137,10 +207,33 @@ impl GateBuilder {
         self
     }
 
+    /// Authenticate proxied requests with the login service's real tokens.
+    pub fn real_auth(mut self) -> Self {
+        self.fixed_tokens = false;
+        self
+    }
+
     pub async fn start(self) -> Gate {
         let backend = SampleBackend::start(bind().await, self.backend).expect("backend starts");
+        let wechat = match self.wechat {
+            Some(wechat) => wechat,
+            None => {
+                let wechat = MockWechat::start(bind().await).expect("mock WeChat starts");
+                wechat.add_app(SHOP_APPID, SHOP_SECRET, true);
+                wechat.add_app(LEGACY_APPID, LEGACY_SECRET, false);
+                Arc::new(wechat)
+            }
+        };
+        let data = match self.data {
+            Some(data) => data,
+            None => Arc::new(tempfile::tempdir().expect("temporary directory")),
+        };
         let upstream = self.upstream.unwrap_or_else(|| backend.url());
-        let text = self.toml.replace("UPSTREAM", &upstream);
+        let text = self
+            .toml
+            .replace("UPSTREAM", &upstream)
+            .replace("WECHAT", &wechat.url())
+            .replace("DATADIR", data.path().to_str().expect("utf-8 temp path"));
         let config = Config::parse("test.toml", &text, &|_| None).expect("test config is valid");
         let listeners = Listeners {
             main: bind().await,
@@ -148,7 +241,10 @@ impl GateBuilder {
         };
         let addr = listeners.main.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
-        let server = Server::new(config).with_authenticator(Arc::new(TestAuthenticator));
+        let mut server = Server::new(config).await.expect("server starts");
+        if self.fixed_tokens {
+            server = server.with_authenticator(Arc::new(TestAuthenticator));
+        }
         let readiness = server.readiness();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listeners, async {
@@ -159,6 +255,8 @@ impl GateBuilder {
             addr,
             admin,
             backend,
+            wechat,
+            data,
             readiness,
             shutdown: Some(tx),
             task: Some(task),
@@ -301,4 +399,45 @@ pub fn folded<'a>(headers: &'a HeaderMap, canonical: &str) -> Vec<(&'a str, &'a 
         .filter(|(k, _)| wxgate::proxy::headers::same_header(k.as_str(), canonical))
         .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("")))
         .collect()
+}
+
+impl Gate {
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> Reply {
+        Http::h1()
+            .send(
+                Method::POST,
+                &self.url(path),
+                &[("content-type", "application/json")],
+                bytes_body(body.to_string()),
+            )
+            .await
+    }
+
+    /// Plays `wx.login()` for `user` in the shop mini program and posts the code; returns the reply.
+    pub async fn login_as(&self, user: &str) -> Reply {
+        let code = self.wechat.login_code(SHOP_APPID, user);
+        self.post_json("/auth/login", &serde_json::json!({ "code": code }))
+            .await
+    }
+
+    /// Logs `user` in and returns the login response body.
+    pub async fn logged_in(&self, user: &str) -> serde_json::Value {
+        let reply = self.login_as(user).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "login failed: {:?}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()
+    }
+
+    /// GETs `path` with `Authorization: Bearer token`.
+    pub async fn get_with_token(&self, path: &str, token: &str) -> Reply {
+        let auth = format!("Bearer {token}");
+        Http::h1()
+            .get(&self.url(path), &[("Authorization", &auth)])
+            .await
+    }
 }

@@ -1,0 +1,174 @@
+//! `POST /auth/login`: a `wx.login()` code becomes a user and a token pair.
+//!
+//! One code, one exchange: WeChat codes are single use, and clients retry, double-submit and race. The
+//! first post of a code asks WeChat; every other post of the same code while it could still be alive
+//! (5 minutes) — concurrent or later — gets that same answer, success or error, without a second call.
+//! A code is never sent to WeChat again after WeChat answered.
+
+use std::time::Duration;
+
+use http::Response;
+use moka::future::Cache;
+use sha2::{Digest, Sha256};
+
+use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest};
+use crate::body::Body;
+use crate::config::Secret;
+use crate::error::Error;
+use crate::identity::{IdentityError, LoginIds};
+use crate::wechat::client::{CodeSession, WechatClient, WechatError};
+
+/// How long an exchange's answer is kept: the life of a `wx.login()` code.
+pub const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
+/// Answers of WeChat per code, keyed by a hash of (appid, code) so no code is kept in memory.
+pub struct CodeExchanges {
+    answers: Cache<[u8; 32], Result<CodeSession, WechatError>>,
+}
+
+impl Default for CodeExchanges {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CodeExchanges {
+    pub fn new() -> Self {
+        CodeExchanges {
+            answers: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(CODE_LIFETIME)
+                .build(),
+        }
+    }
+
+    /// WeChat's answer for `code`: asked once, however many callers ask at the same time or later.
+    pub async fn exchange(
+        &self,
+        wechat: &WechatClient,
+        appid: &str,
+        secret: &Secret,
+        code: &str,
+    ) -> Result<CodeSession, WechatError> {
+        let mut hasher = Sha256::new();
+        hasher.update(appid.as_bytes());
+        hasher.update([0]);
+        hasher.update(code.as_bytes());
+        let key: [u8; 32] = hasher.finalize().into();
+        // moka runs one `init` per key and hands its value to every concurrent caller (single flight),
+        // then keeps it for the code's lifetime.
+        self.answers
+            .get_with(key, wechat.jscode2session(appid, secret, code))
+            .await
+    }
+}
+
+/// Whether `code` could be a `wx.login()` code (WeChat's are 32 alphanumerics; allow some slack).
+fn looks_like_code(code: &str) -> bool {
+    (1..=128).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Maps WeChat's answer to the client's error (DESIGN.md's table).
+fn login_error(e: WechatError) -> Error {
+    match e {
+        WechatError::Api {
+            errcode: 40029 | 42003,
+        } => Error::InvalidCode,
+        WechatError::Api { errcode: 40163 } => Error::CodeUsed,
+        WechatError::Api { errcode: 40226 } => Error::LoginBlocked,
+        WechatError::Api { errcode: 45011 } => Error::RateLimited,
+        WechatError::Api {
+            errcode: errcode @ (40013 | 40125 | 41002 | 41004 | 41008 | 40002),
+        } => {
+            tracing::error!(
+                errcode,
+                "WeChat refused wxgate's own credentials: check apps[].appid and apps[].secret"
+            );
+            Error::WechatUnavailable(e)
+        }
+        other => Error::WechatUnavailable(other),
+    }
+}
+
+impl AuthService {
+    pub(super) async fn login(
+        &self,
+        request: LoginRequest,
+        now: u64,
+    ) -> Result<Response<Body>, Error> {
+        let code = request.code.ok_or(Error::BadRequest(LOGIN_EXPECTED))?;
+        if !looks_like_code(&code) {
+            return Err(Error::InvalidCode);
+        }
+        let app = self.mini_program(request.app.as_deref())?;
+        let appid = app.config.appid.as_str();
+        let exchanged = self
+            .exchanges
+            .exchange(&self.wechat, appid, &app.config.secret, &code)
+            .await
+            .map_err(login_error)?;
+        let resolved = self
+            .identities
+            .resolve(LoginIds {
+                appid,
+                openid: &exchanged.openid,
+                unionid: exchanged.unionid.as_deref(),
+            })
+            .await
+            .map_err(|e| match e {
+                IdentityError::NoUnionid => Error::UnionidUnavailable,
+                IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
+            })?;
+        if !resolved.merged.is_empty() {
+            tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: the same person");
+        }
+        tracing::info!(app = %app.name, user_id = %resolved.user_id, new_user = resolved.created, "login");
+        self.sessions
+            .push_session_key(appid, &exchanged.openid, exchanged.session_key.clone(), now)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        self.start_session(
+            app,
+            resolved.user_id,
+            exchanged.openid,
+            exchanged.unionid,
+            now,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_plausible_before_wechat_is_asked() {
+        assert!(looks_like_code("0a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P"));
+        for bad in ["", " ", "a b", "code\n", &"x".repeat(129), "码"] {
+            assert!(!looks_like_code(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wechat_errors_map_to_the_documented_codes() {
+        let code = |errcode| login_error(WechatError::Api { errcode }).code();
+        assert_eq!(code(40029), "invalid_code");
+        assert_eq!(code(42003), "invalid_code");
+        assert_eq!(code(40163), "code_used");
+        assert_eq!(code(40226), "login_blocked");
+        assert_eq!(code(45011), "rate_limited");
+        assert_eq!(code(-1), "wechat_unavailable");
+        assert_eq!(code(40125), "wechat_unavailable");
+        assert_eq!(code(12345), "wechat_unavailable");
+        assert_eq!(login_error(WechatError::Timeout).status(), 504);
+        assert_eq!(login_error(WechatError::Api { errcode: -1 }).status(), 503);
+        assert_eq!(
+            login_error(WechatError::Unavailable("html".into())).status(),
+            502
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The login service: wxgate's endpoints under the auth prefix, and the authenticator that turns a bearer
+//! token into an [`Identity`] on every proxied request.
+//!
+//! | endpoint | body | answer |
+//! | --- | --- | --- |
+//! | `POST /login` | `{"code", "app"?}` | a token pair ([`login`](super::login)) |
+//! | `POST /refresh` | `{"refresh_token"}` | a new pair; the old refresh token is dead |
+//! | `POST /logout` | bearer | 204; the session and its access tokens stop working at once |
+//! | `GET /session` | bearer | the session's user and WeChat ids |
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::login::CodeExchanges;
+use super::{AuthFuture, Authenticator, Identity, bearer_token};
+use crate::body::{self, Body};
+use crate::config::{AppConfig, AppKind, Config, SessionStoreConfig};
+use crate::error::Error;
+use crate::identity::Identities;
+use crate::session::memory::MemoryStore;
+use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
+use crate::session::{Rotation, Session, SessionStore};
+use crate::wechat::client::WechatClient;
+
+/// Largest body accepted by wxgate's own endpoints; the biggest legitimate one is a login carrying
+/// encrypted user info, a few KiB.
+pub const MAX_AUTH_BODY: usize = 64 * 1024;
+
+/// Why the login service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::StoreError),
+    #[error("{0}")]
+    Wechat(#[from] crate::wechat::client::WechatError),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Everything the auth endpoints and the authenticator share.
+pub struct AuthService {
+    pub(super) apps: Vec<App>,
+    pub(super) wechat: WechatClient,
+    pub(super) identities: Identities,
+    pub(super) sessions: Arc<dyn SessionStore>,
+    pub(super) tokens: Tokens,
+    pub(super) refresh_ttl: u64,
+    pub(super) exchanges: CodeExchanges,
+}
+
+/// A configured app, with its name shared by every session of it.
+pub(super) struct App {
+    pub name: Arc<str>,
+    pub config: AppConfig,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl AuthService {
+    /// The login service for `config`, or `None` when no app is configured (then nobody can log in and
+    /// `/auth/*` answers 404).
+    pub async fn from_config(config: &Config) -> Result<Option<AuthService>, StartError> {
+        let Some(signing_key) = &config.session.signing_key else {
+            return Ok(None);
+        };
+        if config.apps.is_empty() {
+            return Ok(None);
+        }
+        let sessions: Arc<dyn SessionStore> = match &config.session.store {
+            SessionStoreConfig::Memory => Arc::new(MemoryStore::new(
+                config.session.max_sessions,
+                config.session.refresh_ttl,
+            )),
+            SessionStoreConfig::Redis { .. } => {
+                return Err(StartError::Unsupported(
+                    "session.store: Redis is not supported by this build yet; use \"memory\"",
+                ));
+            }
+        };
+        Ok(Some(AuthService {
+            apps: config
+                .apps
+                .iter()
+                .map(|a| App {
+                    name: Arc::from(a.name.as_str()),
+                    config: a.clone(),
+                })
+                .collect(),
+            wechat: WechatClient::new(&config.wechat)?,
+            identities: Identities::open(&config.identity).await?,
+            sessions,
+            tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
+            refresh_ttl: config.session.refresh_ttl.as_secs(),
+            exchanges: CodeExchanges::new(),
+        }))
+    }
+
+    /// Answers `method path` under the auth prefix (`path` has the prefix removed).
+    pub async fn endpoint(
+        &self,
+        path: &str,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, Error> {
+        let method = request.method().clone();
+        let now = unix_now();
+        match (path, method) {
+            ("/login", Method::POST) => {
+                self.login(read_json(request, LOGIN_EXPECTED).await?, now)
+                    .await
+            }
+            ("/refresh", Method::POST) => {
+                self.refresh(read_json(request, REFRESH_EXPECTED).await?, now)
+                    .await
+            }
+            ("/logout", Method::POST) => self.logout(request.headers(), now).await,
+            ("/session", Method::GET | Method::HEAD) => self.session(request.headers(), now).await,
+            ("/login" | "/refresh" | "/logout", _) => Err(Error::MethodNotAllowed("POST")),
+            ("/session", _) => Err(Error::MethodNotAllowed("GET, HEAD")),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    /// The mini program a login is for: the one named, or the only one configured.
+    pub(super) fn mini_program(&self, name: Option<&str>) -> Result<&App, Error> {
+        let mut candidates = self.apps.iter().filter(|a| {
+            a.config.kind == AppKind::MiniProgram && name.is_none_or(|n| n == &*a.name)
+        });
+        match (candidates.next(), candidates.next(), name) {
+            (Some(app), None, _) => Ok(app),
+            (None, _, Some(_)) => Err(Error::BadRequest(
+                "The \"app\" named is not a configured mini program.",
+            )),
+            (None, _, None) => Err(Error::BadRequest(
+                "No mini program is configured on this gateway.",
+            )),
+            (Some(_), Some(_), _) => Err(Error::BadRequest(
+                "Several mini programs are configured; name one with \"app\".",
+            )),
+        }
+    }
+
+    /// Creates a session for a resolved login and answers with its token pair.
+    pub(super) async fn start_session(
+        &self,
+        app: &App,
+        user_id: String,
+        openid: String,
+        unionid: Option<String>,
+        now: u64,
+    ) -> Result<Response<Body>, Error> {
+        let sid = crate::session::SessionId::random();
+        let (refresh_token, refresh) = new_refresh_token(sid);
+        let session = Session {
+            sid,
+            user_id,
+            app: app.name.clone(),
+            appid: app.config.appid.clone(),
+            openid,
+            unionid,
+            created_at: now,
+            expires_at: now + self.refresh_ttl,
+            refresh,
+            used_refresh: Vec::new(),
+        };
+        let response = self.token_response(&session, refresh_token, now);
+        self.sessions
+            .insert(session)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        Ok(response)
+    }
+
+    fn token_response(&self, session: &Session, refresh_token: String, now: u64) -> Response<Body> {
+        let access_token = self.tokens.mint_access(session.sid, &session.user_id, now);
+        no_store(body::json(
+            StatusCode::OK,
+            &json!({
+                "access_token": access_token,
+                "token_type": "Bearer",
+                "expires_in": self.tokens.access_ttl(),
+                "refresh_token": refresh_token,
+                "refresh_expires_in": session.expires_at.saturating_sub(now),
+                "user_id": session.user_id,
+                "unionid_known": session.unionid.is_some(),
+            }),
+        ))
+    }
+
+    async fn refresh(&self, request: RefreshRequest, now: u64) -> Result<Response<Body>, Error> {
+        let presented = request
+            .refresh_token
+            .ok_or(Error::BadRequest(REFRESH_EXPECTED))?;
+        let (sid, hash) = parse_refresh_token(&presented).ok_or(Error::InvalidToken)?;
+        let (next_token, next_hash) = new_refresh_token(sid);
+        let rotation = self
+            .sessions
+            .rotate_refresh(&sid, &hash, next_hash, now, now + self.refresh_ttl)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        match rotation {
+            Rotation::Rotated(session) => Ok(self.token_response(&session, next_token, now)),
+            Rotation::Replayed { user_id } => {
+                tracing::warn!(%user_id, "a used refresh token was presented again; the session is revoked");
+                Err(Error::InvalidToken)
+            }
+            Rotation::Unknown => Err(Error::InvalidToken),
+        }
+    }
+
+    async fn logout(&self, headers: &HeaderMap, now: u64) -> Result<Response<Body>, Error> {
+        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
+        let claims = self.verify(token, now)?;
+        self.sessions
+            .revoke(&claims.sid)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        let mut response = Response::new(body::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        Ok(no_store(response))
+    }
+
+    async fn session(&self, headers: &HeaderMap, now: u64) -> Result<Response<Body>, Error> {
+        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
+        let session = self.live_session(token, now).await?;
+        let mut view = json!({
+            "user_id": session.user_id,
+            "app": &*session.app,
+            "appid": session.appid,
+            "openid": session.openid,
+            "expires_at": session.expires_at,
+        });
+        if let Some(unionid) = &session.unionid {
+            view["unionid"] = json!(unionid);
+        }
+        Ok(no_store(body::json(StatusCode::OK, &view)))
+    }
+
+    fn verify(&self, token: &str, now: u64) -> Result<crate::session::token::AccessClaims, Error> {
+        self.tokens.verify_access(token, now).map_err(|e| match e {
+            TokenError::Expired => Error::TokenExpired,
+            TokenError::Invalid => Error::InvalidToken,
+        })
+    }
+
+    /// The live session an access token names.
+    async fn live_session(&self, token: &str, now: u64) -> Result<Arc<Session>, Error> {
+        let claims = self.verify(token, now)?;
+        self.sessions
+            .get(&claims.sid, now)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?
+            .ok_or(Error::InvalidToken)
+    }
+
+    /// Whether the stores answer, for `/readyz`.
+    pub async fn ready(&self) -> Result<(), crate::identity::StoreError> {
+        self.identities.ping().await
+    }
+
+    /// Live sessions, for metrics.
+    pub fn sessions(&self) -> &Arc<dyn SessionStore> {
+        &self.sessions
+    }
+}
+
+impl Authenticator for AuthService {
+    fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let Some(token) = bearer_token(headers) else {
+                return Ok(None);
+            };
+            let session = self.live_session(token, unix_now()).await?;
+            Ok(Some(Identity {
+                user_id: session.user_id.clone(),
+                appid: session.appid.clone(),
+                openid: session.openid.clone(),
+                unionid: session.unionid.clone(),
+            }))
+        })
+    }
+}
+
+pub(super) const LOGIN_EXPECTED: &str =
+    "The body must be JSON like {\"code\": \"<code from wx.login()>\"}.";
+const REFRESH_EXPECTED: &str = "The body must be JSON like {\"refresh_token\": \"...\"}.";
+
+#[derive(Deserialize)]
+pub(super) struct LoginRequest {
+    pub code: Option<String>,
+    pub app: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RefreshRequest {
+    refresh_token: Option<String>,
+}
+
+/// Reads a JSON body of at most [`MAX_AUTH_BODY`] bytes.
+async fn read_json<T: DeserializeOwned>(
+    request: Request<Incoming>,
+    expected: &'static str,
+) -> Result<T, Error> {
+    let bytes: Bytes = match Limited::new(request.into_body(), MAX_AUTH_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::PayloadTooLarge),
+        Err(_) => return Err(Error::BadRequest("The request body could not be read.")),
+    };
+    serde_json::from_slice(&bytes).map_err(|_| Error::BadRequest(expected))
+}
+
+/// Token responses must never be cached by a browser or an intermediary.
+fn no_store(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}

@@ -1,0 +1,552 @@
+//! A mock of the WeChat server API, faithful to `shared/docs/wechat-protocol.md`, shared by the
+//! integration tests, the demo and the benchmarks. It is never on wxgate's own request path.
+//!
+//! Behaviour, as WeChat's: codes are single use and expire after 5 minutes; every successful exchange
+//! issues a new session_key for that (appid, user) and the previous one dies; unionid only for apps
+//! bound to an Open Platform account; business errors are HTTP 200 with `errcode` and an `errmsg` that
+//! ends in a changing `rid`; `sns/*` is served as `text/plain`; at most 100 logins per user per minute.
+//!
+//! Control, from Rust ([`MockWechat`]'s methods) or over HTTP under `/__mock/` (for tests in other
+//! languages): register apps, play `wx.login()` for a user (mint a code), read a user's current
+//! session_key, inject a fault or a delay for the next N calls of an endpoint, count calls, move the
+//! clock forward.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use crate::body::{self, Body};
+
+/// How long a `wx.login()` code lives.
+pub const CODE_TTL: Duration = Duration::from_secs(5 * 60);
+/// WeChat's login rate limit per user.
+pub const LOGINS_PER_USER_PER_MINUTE: usize = 100;
+
+/// The path of the login endpoint, as faults and call counts name it.
+pub const JSCODE2SESSION: &str = "/sns/jscode2session";
+
+/// Something to do instead of (or before) answering normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer HTTP 200 with this `errcode` (the request is not processed).
+    Errcode(i64),
+    /// Answer with this HTTP status and an HTML page.
+    Status(u16),
+    /// Answer HTTP 200 with an HTML page, as a broken gateway in front of WeChat does.
+    Html,
+    /// Answer HTTP 200 with a body that is not JSON.
+    Garbage,
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct App {
+    secret: String,
+    /// Bound to an Open Platform account: replies carry unionid.
+    bound: bool,
+}
+
+#[derive(Debug)]
+struct IssuedCode {
+    appid: String,
+    user: String,
+    issued_at: Instant,
+    used: bool,
+}
+
+#[derive(Default)]
+struct State {
+    apps: HashMap<String, App>,
+    codes: HashMap<String, IssuedCode>,
+    /// (appid, openid) -> the one valid session_key.
+    session_keys: HashMap<(String, String), String>,
+    /// endpoint -> faults for the next calls, first first.
+    faults: HashMap<String, Vec<Fault>>,
+    calls: HashMap<String, u64>,
+    /// (appid, user) -> times of recent successful logins.
+    recent_logins: HashMap<(String, String), Vec<Instant>>,
+    /// Added to the real clock, to expire codes without waiting.
+    skew: Duration,
+}
+
+impl State {
+    fn now(&self) -> Instant {
+        Instant::now() + self.skew
+    }
+
+    /// Plays `wx.login()`: a fresh code for `user` in `appid`.
+    fn mint_code(&mut self, appid: &str, user: &str) -> String {
+        let code = new_code();
+        let issued_at = self.now();
+        self.codes.insert(
+            code.clone(),
+            IssuedCode {
+                appid: appid.to_owned(),
+                user: user.to_owned(),
+                issued_at,
+                used: false,
+            },
+        );
+        code
+    }
+
+    fn add_fault(&mut self, endpoint: &str, fault: Fault, times: usize) {
+        self.faults
+            .entry(endpoint.to_owned())
+            .or_default()
+            .extend(std::iter::repeat_n(fault, times));
+    }
+
+    fn next_fault(&mut self, endpoint: &str) -> Option<Fault> {
+        let queue = self.faults.get_mut(endpoint)?;
+        (!queue.is_empty()).then(|| queue.remove(0))
+    }
+}
+
+/// A running mock WeChat; it stops when dropped.
+pub struct MockWechat {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockWechat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The openid WeChat gives `user` in app `appid`: 28 characters of `[A-Za-z0-9_-]` starting with `o`,
+/// different in every app.
+pub fn openid_of(appid: &str, user: &str) -> String {
+    id28(&format!("openid:{appid}:{user}"))
+}
+
+/// The unionid of `user`: the same in every app of the Open Platform account.
+pub fn unionid_of(user: &str) -> String {
+    id28(&format!("unionid:{user}"))
+}
+
+fn id28(seed: &str) -> String {
+    let digest = Sha256::digest(seed.as_bytes());
+    let mut id = String::from("o");
+    id.push_str(&URL_SAFE_NO_PAD.encode(digest)[..27]);
+    id
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    bytes
+}
+
+/// A `wx.login()` code: 32 alphanumerics.
+fn new_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    random_bytes::<32>()
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// A session_key: 16 random bytes in standard base64 (24 characters).
+fn new_session_key() -> String {
+    STANDARD.encode(random_bytes::<16>())
+}
+
+fn rid() -> String {
+    let b = random_bytes::<12>();
+    format!(
+        "{}-{}-{}",
+        hex::encode(&b[..4]),
+        hex::encode(&b[4..8]),
+        hex::encode(&b[8..])
+    )
+}
+
+impl MockWechat {
+    /// Serves on `listener` until dropped.
+    pub fn start(listener: TcpListener) -> std::io::Result<MockWechat> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let task_state = state.clone();
+        let task = tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let state = task_state.clone();
+                let service = service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(request, &state).await) }
+                });
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+        });
+        Ok(MockWechat { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for `wechat.api_base`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("mock state not poisoned")
+    }
+
+    /// Registers an app; `bound` apps return unionid from jscode2session.
+    pub fn add_app(&self, appid: &str, secret: &str, bound: bool) {
+        self.state().apps.insert(
+            appid.to_owned(),
+            App {
+                secret: secret.to_owned(),
+                bound,
+            },
+        );
+    }
+
+    /// Plays `wx.login()` for `user` in `appid`: returns a fresh code.
+    pub fn login_code(&self, appid: &str, user: &str) -> String {
+        self.state().mint_code(appid, user)
+    }
+
+    /// The session_key WeChat currently holds for (appid, openid), if any login happened.
+    pub fn session_key(&self, appid: &str, openid: &str) -> Option<String> {
+        self.state()
+            .session_keys
+            .get(&(appid.to_owned(), openid.to_owned()))
+            .cloned()
+    }
+
+    /// Makes the next `times` calls of `endpoint` (e.g. [`JSCODE2SESSION`]) suffer `fault`.
+    pub fn fail_next(&self, endpoint: &str, fault: Fault, times: usize) {
+        self.state().add_fault(endpoint, fault, times);
+    }
+
+    /// How many calls `endpoint` has received (faulted ones included).
+    pub fn calls(&self, endpoint: &str) -> u64 {
+        self.state().calls.get(endpoint).copied().unwrap_or(0)
+    }
+
+    /// Moves the mock's clock forward, to expire codes without waiting.
+    pub fn advance(&self, by: Duration) {
+        self.state().skew += by;
+    }
+}
+
+async fn handle(request: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    if path.starts_with("/__mock/") {
+        return control(request, state).await;
+    }
+    let query: HashMap<String, String> = request
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let fault = {
+        let mut state = state.lock().expect("not poisoned");
+        *state.calls.entry(path.clone()).or_default() += 1;
+        state.next_fault(&path)
+    };
+    if let Some(Fault::Delay(d)) = fault {
+        tokio::time::sleep(d).await;
+    } else if let Some(fault) = fault {
+        return faulted(&path, fault);
+    }
+    match (request.method(), path.as_str()) {
+        (&Method::GET, JSCODE2SESSION) => {
+            let reply = jscode2session(&query, &mut state.lock().expect("not poisoned"));
+            sns_reply(reply)
+        }
+        _ => {
+            let mut response = Response::new(body::full("<html><body>404 Not Found</body></html>"));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    }
+}
+
+fn errcode(code: i64, message: &str) -> Value {
+    json!({ "errcode": code, "errmsg": format!("{message}, rid: {}", rid()) })
+}
+
+fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
+    let param = |name: &str| query.get(name).filter(|v| !v.is_empty());
+    let Some(appid) = param("appid") else {
+        return errcode(41002, "appid missing");
+    };
+    let Some(secret) = param("secret") else {
+        return errcode(41004, "appsecret missing");
+    };
+    let Some(code) = param("js_code") else {
+        return errcode(41008, "missing code");
+    };
+    if param("grant_type").map(String::as_str) != Some("authorization_code") {
+        return errcode(40002, "invalid grant_type");
+    }
+    let Some(app) = state.apps.get(appid).cloned() else {
+        return errcode(40013, "invalid appid");
+    };
+    if app.secret != *secret {
+        return errcode(40125, "invalid appsecret");
+    }
+    let now = state.now();
+    let Some(issued) = state.codes.get_mut(code.as_str()) else {
+        return errcode(40029, "invalid code");
+    };
+    if issued.appid != *appid || now.duration_since(issued.issued_at) > CODE_TTL {
+        return errcode(40029, "invalid code");
+    }
+    if issued.used {
+        return errcode(40163, "code been used");
+    }
+    issued.used = true;
+    let user = issued.user.clone();
+    let recent = state
+        .recent_logins
+        .entry((appid.clone(), user.clone()))
+        .or_default();
+    recent.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+    if recent.len() >= LOGINS_PER_USER_PER_MINUTE {
+        return errcode(
+            45011,
+            "api minute-quota reach limit  mustslower  retry next minute",
+        );
+    }
+    recent.push(now);
+    let openid = openid_of(appid, &user);
+    let session_key = new_session_key();
+    state
+        .session_keys
+        .insert((appid.clone(), openid.clone()), session_key.clone());
+    let mut reply = json!({ "session_key": session_key, "openid": openid });
+    if app.bound {
+        reply["unionid"] = Value::String(unionid_of(&user));
+    }
+    reply
+}
+
+/// `sns/*` replies: HTTP 200, JSON served as text/plain (as WeChat does).
+fn sns_reply(value: Value) -> Response<Body> {
+    let mut response = Response::new(body::full(value.to_string()));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+fn faulted(path: &str, fault: Fault) -> Response<Body> {
+    let html = |status: u16| {
+        let mut response = Response::new(body::full(format!(
+            "<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center></body></html>"
+        )));
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        response
+    };
+    match fault {
+        Fault::Errcode(code) => {
+            let message = match code {
+                -1 => "system error",
+                40029 => "invalid code",
+                40163 => "code been used",
+                40226 => "high risk user, login blocked",
+                45011 => "api minute-quota reach limit  mustslower  retry next minute",
+                _ => "injected error",
+            };
+            let reply = errcode(code, message);
+            if path.starts_with("/sns/") {
+                sns_reply(reply)
+            } else {
+                body::json(StatusCode::OK, &reply)
+            }
+        }
+        Fault::Status(status) => html(status),
+        Fault::Html => html(200),
+        Fault::Garbage => Response::new(body::full("errcode=0&openid=???")),
+        Fault::Delay(_) => unreachable!("delays are waited out, not answered"),
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// The HTTP control API.
+// -------------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppRequest {
+    appid: String,
+    secret: String,
+    #[serde(default)]
+    bound: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    appid: String,
+    user: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    endpoint: String,
+    errcode: Option<i64>,
+    status: Option<u16>,
+    #[serde(default)]
+    html: bool,
+    #[serde(default)]
+    garbage: bool,
+    delay_ms: Option<u64>,
+    #[serde(default = "one")]
+    times: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceRequest {
+    seconds: u64,
+}
+
+async fn control(request: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
+    let (parts, incoming) = request.into_parts();
+    let bytes: Bytes = match incoming.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return control_error("body unreadable"),
+    };
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let handle = MockHandle(state);
+    match (parts.method, parts.uri.path()) {
+        (Method::POST, "/__mock/apps") => match serde_json::from_slice::<AppRequest>(&bytes) {
+            Ok(r) => {
+                handle.with(|s| {
+                    s.apps.insert(
+                        r.appid,
+                        App {
+                            secret: r.secret,
+                            bound: r.bound,
+                        },
+                    )
+                });
+                body::json(StatusCode::OK, &json!({}))
+            }
+            Err(e) => control_error(&e.to_string()),
+        },
+        (Method::POST, "/__mock/login") => match serde_json::from_slice::<LoginRequest>(&bytes) {
+            Ok(r) => {
+                let (code, bound) = handle.with(|s| {
+                    (
+                        s.mint_code(&r.appid, &r.user),
+                        s.apps.get(&r.appid).is_some_and(|a| a.bound),
+                    )
+                });
+                let mut reply = json!({ "code": code, "openid": openid_of(&r.appid, &r.user) });
+                if bound {
+                    reply["unionid"] = Value::String(unionid_of(&r.user));
+                }
+                body::json(StatusCode::OK, &reply)
+            }
+            Err(e) => control_error(&e.to_string()),
+        },
+        (Method::GET, "/__mock/session_key") => {
+            let (Some(appid), Some(openid)) = (query.get("appid"), query.get("openid")) else {
+                return control_error("pass ?appid=...&openid=...");
+            };
+            let key = handle.with(|s| {
+                s.session_keys
+                    .get(&(appid.clone(), openid.clone()))
+                    .cloned()
+            });
+            body::json(StatusCode::OK, &json!({ "session_key": key }))
+        }
+        (Method::POST, "/__mock/faults") => match serde_json::from_slice::<FaultRequest>(&bytes) {
+            Ok(r) => {
+                let fault = match (r.errcode, r.status, r.html, r.garbage, r.delay_ms) {
+                    (Some(code), None, false, false, None) => Fault::Errcode(code),
+                    (None, Some(status), false, false, None) => Fault::Status(status),
+                    (None, None, true, false, None) => Fault::Html,
+                    (None, None, false, true, None) => Fault::Garbage,
+                    (None, None, false, false, Some(ms)) => Fault::Delay(Duration::from_millis(ms)),
+                    _ => {
+                        return control_error(
+                            "give exactly one of errcode, status, html, garbage, delay_ms",
+                        );
+                    }
+                };
+                handle.with(|s| s.add_fault(&r.endpoint, fault, r.times));
+                body::json(StatusCode::OK, &json!({}))
+            }
+            Err(e) => control_error(&e.to_string()),
+        },
+        (Method::GET, "/__mock/calls") => {
+            let calls = handle.with(|s| s.calls.clone());
+            body::json(StatusCode::OK, &json!(calls))
+        }
+        (Method::POST, "/__mock/advance") => match serde_json::from_slice::<AdvanceRequest>(&bytes)
+        {
+            Ok(r) => {
+                handle.with(|s| s.skew += Duration::from_secs(r.seconds));
+                body::json(StatusCode::OK, &json!({}))
+            }
+            Err(e) => control_error(&e.to_string()),
+        },
+        _ => {
+            let mut response = control_error("unknown control endpoint");
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    }
+}
+
+struct MockHandle<'a>(&'a Mutex<State>);
+
+impl MockHandle<'_> {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.0.lock().expect("not poisoned"))
+    }
+}
+
+fn control_error(message: &str) -> Response<Body> {
+    body::json(StatusCode::BAD_REQUEST, &json!({ "error": message }))
+}

@@ -1,0 +1,5 @@
+//! The WeChat server API: the client wxgate uses ([`client`]) and the mock that tests, the demo and the
+//! benchmarks use in its place ([`mock`]). Both follow `shared/docs/wechat-protocol.md`.
+
+pub mod client;
+pub mod mock;
