@@ -4,5 +4,7 @@ mod admin;
 mod forwarding;
 mod lifecycle;
 mod login;
+mod mock_wechat;
 mod routing;
+mod secrets;
 mod support;

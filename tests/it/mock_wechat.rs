@@ -1,0 +1,271 @@
+//! The mock WeChat itself, over HTTP: it must behave as `shared/docs/wechat-protocol.md` says WeChat
+//! does, or tests built on it prove nothing.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use wxgate::wechat::mock::{Fault, JSCODE2SESSION, MockWechat, openid_of, unionid_of};
+
+use crate::support::*;
+
+const APP: &str = "wx3333333333333333";
+const SECRET: &str = "mock-secret";
+
+async fn mock() -> MockWechat {
+    let wechat = MockWechat::start(bind().await).unwrap();
+    wechat.add_app(APP, SECRET, true);
+    wechat
+}
+
+async fn exchange(wechat: &MockWechat, appid: &str, secret: &str, code: &str) -> Reply {
+    let url = format!(
+        "{}/sns/jscode2session?appid={appid}&secret={secret}&js_code={code}&grant_type=authorization_code",
+        wechat.url()
+    );
+    Http::h1().get(&url, &[]).await
+}
+
+fn errcode(reply: &Reply) -> i64 {
+    reply.json()["errcode"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_code_exchanges_once_for_the_documented_fields() {
+    let wechat = mock().await;
+    let code = wechat.login_code(APP, "olga");
+    assert_eq!(code.len(), 32);
+    assert!(code.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let reply = exchange(&wechat, APP, SECRET, &code).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.headers["content-type"], "text/plain",
+        "sns/* JSON comes as text/plain"
+    );
+    let body = reply.json();
+    assert!(body.get("errcode").is_none(), "success has no errcode");
+    let openid = body["openid"].as_str().unwrap();
+    assert_eq!(openid, openid_of(APP, "olga"));
+    assert!(openid.len() == 28 && openid.starts_with('o'));
+    assert!(
+        openid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+    assert_eq!(body["unionid"], unionid_of("olga").as_str());
+    let key = body["session_key"].as_str().unwrap();
+    assert_eq!(key.len(), 24);
+    assert_eq!(STANDARD.decode(key).unwrap().len(), 16);
+
+    let again = exchange(&wechat, APP, SECRET, &code).await;
+    assert_eq!(
+        (again.status.as_u16(), errcode(&again)),
+        (200, 40163),
+        "single use"
+    );
+    assert!(again.json()["errmsg"].as_str().unwrap().contains(", rid: "));
+}
+
+#[tokio::test]
+async fn every_exchange_issues_a_new_session_key_and_the_old_one_dies() {
+    let wechat = mock().await;
+    let first = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "pia"))
+        .await
+        .json();
+    let second = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "pia"))
+        .await
+        .json();
+    assert_ne!(first["session_key"], second["session_key"]);
+    assert_eq!(first["openid"], second["openid"]);
+    let current = wechat.session_key(APP, &openid_of(APP, "pia")).unwrap();
+    assert_eq!(Value::String(current), second["session_key"]);
+}
+
+#[tokio::test]
+async fn unbound_apps_get_no_unionid_key_at_all() {
+    let wechat = mock().await;
+    wechat.add_app("wx4444444444444444", "s2", false);
+    let body = exchange(
+        &wechat,
+        "wx4444444444444444",
+        "s2",
+        &wechat.login_code("wx4444444444444444", "quinn"),
+    )
+    .await
+    .json();
+    assert!(body.get("unionid").is_none(), "{body}");
+    assert_eq!(
+        body["openid"],
+        openid_of("wx4444444444444444", "quinn").as_str()
+    );
+}
+
+#[tokio::test]
+async fn wrong_expired_foreign_and_incomplete_requests_get_their_errcodes() {
+    let wechat = mock().await;
+    wechat.add_app("wx5555555555555555", "other", true);
+    let code = wechat.login_code(APP, "rosa");
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, "wrong", &code).await),
+        40125
+    );
+    assert_eq!(
+        errcode(&exchange(&wechat, "wx0000000000000000", SECRET, &code).await),
+        40013
+    );
+    assert_eq!(
+        errcode(&exchange(&wechat, "wx5555555555555555", "other", &code).await),
+        40029,
+        "another app's code"
+    );
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, "no-such-code").await),
+        40029
+    );
+    let base = format!("{}/sns/jscode2session", wechat.url());
+    let http = Http::h1();
+    for (query, expected) in [
+        (
+            format!("secret={SECRET}&js_code={code}&grant_type=authorization_code"),
+            41002,
+        ),
+        (
+            format!("appid={APP}&js_code={code}&grant_type=authorization_code"),
+            41004,
+        ),
+        (
+            format!("appid={APP}&secret={SECRET}&grant_type=authorization_code"),
+            41008,
+        ),
+        (
+            format!("appid={APP}&secret={SECRET}&js_code={code}&grant_type=client_credential"),
+            40002,
+        ),
+    ] {
+        assert_eq!(
+            errcode(&http.get(&format!("{base}?{query}"), &[]).await),
+            expected,
+            "{query}"
+        );
+    }
+    // None of that consumed the code; letting it age past 5 minutes does.
+    wechat.advance(Duration::from_secs(301));
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, &code).await),
+        40029,
+        "expired"
+    );
+}
+
+#[tokio::test]
+async fn a_hundred_logins_a_minute_per_user_then_45011() {
+    let wechat = mock().await;
+    for _ in 0..100 {
+        let reply = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "sam")).await;
+        assert_eq!(errcode(&reply), 0);
+    }
+    let reply = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "sam")).await;
+    assert_eq!(errcode(&reply), 45011);
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "tom")).await),
+        0,
+        "per user"
+    );
+    wechat.advance(Duration::from_secs(61));
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "sam")).await),
+        0
+    );
+}
+
+#[tokio::test]
+async fn faults_apply_to_the_next_calls_only_and_are_counted() {
+    let wechat = mock().await;
+    wechat.fail_next(JSCODE2SESSION, Fault::Errcode(-1), 2);
+    wechat.fail_next(JSCODE2SESSION, Fault::Status(503), 1);
+    let code = wechat.login_code(APP, "uma");
+    assert_eq!(errcode(&exchange(&wechat, APP, SECRET, &code).await), -1);
+    assert_eq!(errcode(&exchange(&wechat, APP, SECRET, &code).await), -1);
+    let unavailable = exchange(&wechat, APP, SECRET, &code).await;
+    assert_eq!(unavailable.status, 503);
+    assert!(String::from_utf8_lossy(&unavailable.body).contains("<html>"));
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, &code).await),
+        0,
+        "faults did not consume the code"
+    );
+    assert_eq!(wechat.calls(JSCODE2SESSION), 4);
+}
+
+#[tokio::test]
+async fn the_http_control_api_does_what_the_rust_one_does() {
+    let wechat = MockWechat::start(bind().await).unwrap();
+    let http = Http::h1();
+    let control = |path: &str| format!("{}/__mock/{path}", wechat.url());
+    let post = |path: &str, body: Value| {
+        let url = control(path);
+        let http = &http;
+        async move {
+            http.send(http::Method::POST, &url, &[], bytes_body(body.to_string()))
+                .await
+        }
+    };
+    assert_eq!(
+        post(
+            "apps",
+            json!({ "appid": APP, "secret": SECRET, "bound": true })
+        )
+        .await
+        .status,
+        200
+    );
+    let login = post("login", json!({ "appid": APP, "user": "vera" }))
+        .await
+        .json();
+    assert_eq!(login["openid"], openid_of(APP, "vera").as_str());
+    assert_eq!(login["unionid"], unionid_of("vera").as_str());
+    let code = login["code"].as_str().unwrap();
+    assert_eq!(
+        post(
+            "faults",
+            json!({ "endpoint": JSCODE2SESSION, "errcode": 40226 })
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(errcode(&exchange(&wechat, APP, SECRET, code).await), 40226);
+    let body = exchange(&wechat, APP, SECRET, code).await.json();
+    let key = http
+        .get(
+            &format!(
+                "{}?appid={APP}&openid={}",
+                control("session_key"),
+                openid_of(APP, "vera")
+            ),
+            &[],
+        )
+        .await
+        .json();
+    assert_eq!(key["session_key"], body["session_key"]);
+    assert_eq!(
+        http.get(&control("calls"), &[]).await.json()[JSCODE2SESSION],
+        2
+    );
+    assert_eq!(post("advance", json!({ "seconds": 301 })).await.status, 200);
+    let late = post("login", json!({ "appid": APP, "user": "vera" }))
+        .await
+        .json();
+    assert_eq!(
+        errcode(&exchange(&wechat, APP, SECRET, late["code"].as_str().unwrap()).await),
+        0,
+        "new codes start from the new clock"
+    );
+    assert_eq!(
+        post("faults", json!({ "endpoint": JSCODE2SESSION }))
+            .await
+            .status,
+        400
+    );
+}
