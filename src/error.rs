@@ -144,7 +144,7 @@ impl Error {
             }
             Error::NotFound => "There is no such endpoint.",
             Error::LoginRequired => "This resource requires login.",
-            Error::InvalidToken => "The access token is not valid; log in again.",
+            Error::InvalidToken => "The token is not valid or no longer accepted; log in again.",
             Error::TokenExpired => "The access token has expired; refresh it or log in again.",
             Error::AuthUnavailable(_) => {
                 "Authentication is temporarily unavailable; try again shortly."

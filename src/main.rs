@@ -33,10 +33,21 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit: 0 when it is usable, 64 with the reason when not.
     Check,
+    /// Run the mock WeChat API (for local development, SDK tests and benchmarks; never production).
+    MockWechat(wxgate::wechat::mock::CliArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::MockWechat(args)) = cli.command {
+        return match wxgate::wechat::mock::run_cli(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wxgate mock-wechat: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
@@ -44,7 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Check) = cli.command {
+    if matches!(cli.command, Some(Command::Check)) {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }

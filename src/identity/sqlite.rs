@@ -166,6 +166,23 @@ async fn merge(
 #[async_trait]
 impl IdentityStore for SqliteStore {
     async fn resolve(&self, ids: LoginIds<'_>) -> Result<Resolved, StoreError> {
+        // Most logins are returning users whose links are all in place: answer them with one read and
+        // no write lock.
+        let (by_openid, by_unionid): (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT user_id FROM app_openids WHERE appid = ? AND openid = ?), \
+                    (SELECT user_id FROM unionids WHERE unionid = ?)",
+        )
+        .bind(ids.appid)
+        .bind(ids.openid)
+        .bind(ids.unionid)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        match (ids.unionid, by_openid, by_unionid) {
+            (None, Some(user), _) => return Ok(existing(user)),
+            (Some(_), Some(user), Some(same)) if user == same => return Ok(existing(user)),
+            _ => {}
+        }
         let now = unix_now();
         // IMMEDIATE takes the write lock up front: two logins of one new person cannot both read
         // "unknown" and both create a user.

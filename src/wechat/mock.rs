@@ -84,6 +84,8 @@ struct State {
     recent_logins: HashMap<(String, String), Vec<Instant>>,
     /// Added to the real clock, to expire codes without waiting.
     skew: Duration,
+    /// Accept codes nobody minted (benchmarks post random codes); see [`MockWechat::accept_any_code`].
+    any_code: bool,
 }
 
 impl State {
@@ -257,6 +259,12 @@ impl MockWechat {
         self.state().calls.get(endpoint).copied().unwrap_or(0)
     }
 
+    /// Benchmark mode: codes nobody minted are accepted as fresh `wx.login()` codes, so a load
+    /// generator can post random codes. Single use, expiry and rate limits still apply.
+    pub fn accept_any_code(&self) {
+        self.state().any_code = true;
+    }
+
     /// Moves the mock's clock forward, to expire codes without waiting.
     pub fn advance(&self, by: Duration) {
         self.state().skew += by;
@@ -321,6 +329,21 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         return errcode(40125, "invalid appsecret");
     }
     let now = state.now();
+    if state.any_code && !state.codes.contains_key(code.as_str()) && code.len() >= 2 {
+        // Benchmark mode: an unknown code is a fresh wx.login() of the user named by its first two
+        // characters (3,844 users for random alphanumeric codes: a few first logins, then returning
+        // users, as in real traffic).
+        let user = code[..2].to_owned();
+        state.codes.insert(
+            code.clone(),
+            IssuedCode {
+                appid: appid.clone(),
+                user,
+                issued_at: now,
+                used: false,
+            },
+        );
+    }
     let Some(issued) = state.codes.get_mut(code.as_str()) else {
         return errcode(40029, "invalid code");
     };
@@ -549,4 +572,58 @@ impl MockHandle<'_> {
 
 fn control_error(message: &str) -> Response<Body> {
     body::json(StatusCode::BAD_REQUEST, &json!({ "error": message }))
+}
+
+// -------------------------------------------------------------------------------------------------
+// `wxgate mock-wechat`: the mock as a process of its own.
+// -------------------------------------------------------------------------------------------------
+
+/// Arguments of `wxgate mock-wechat`.
+#[derive(Debug, clap::Args)]
+pub struct CliArgs {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// An app, as APPID:SECRET (bound to an Open Platform account: logins carry unionid) or
+    /// APPID:SECRET:unbound. Repeatable; more can be added with POST /__mock/apps.
+    #[arg(long = "app")]
+    pub apps: Vec<String>,
+    /// Accept codes nobody minted, as fresh logins (for load generators posting random codes).
+    #[arg(long)]
+    pub any_code: bool,
+}
+
+/// Runs the mock until SIGINT or SIGTERM.
+pub fn run_cli(args: CliArgs) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mock = MockWechat::start(TcpListener::bind(args.listen).await?)?;
+        for app in &args.apps {
+            let mut parts = app.splitn(3, ':');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(appid), Some(secret), bound) if !appid.is_empty() && !secret.is_empty() => {
+                    mock.add_app(appid, secret, bound != Some("unbound"));
+                }
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("--app {app:?}: write APPID:SECRET or APPID:SECRET:unbound"),
+                    ));
+                }
+            }
+        }
+        if args.any_code {
+            mock.accept_any_code();
+        }
+        println!("mock WeChat listening on {}", mock.url());
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
 }

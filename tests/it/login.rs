@@ -546,3 +546,37 @@ async fn with_several_mini_programs_the_client_names_its_app() {
         "legacy"
     );
 }
+
+#[tokio::test]
+async fn unionid_and_openid_modes_put_those_ids_in_x_user_id() {
+    for (mode, expected) in [
+        ("unionid", unionid_of("omar")),
+        ("openid", openid_of(SHOP_APPID, "omar")),
+    ] {
+        let toml = LOGIN.replace("[identity]", &format!("[identity]\nuser_id = \"{mode}\""));
+        let gate = Gate::with_config(&toml).real_auth().start().await;
+        let tokens = gate.logged_in("omar").await;
+        assert_eq!(tokens["user_id"], expected.as_str(), "{mode}");
+        let access = tokens["access_token"].as_str().unwrap();
+        assert_eq!(gate.get_with_token("/api/orders", access).await.status, 200);
+        assert_eq!(gate.seen()[0].headers["x-user-id"], expected.as_str());
+        assert!(
+            !gate.data.path().join("identities.db").exists(),
+            "{mode} needs no identity store"
+        );
+    }
+    // unionid mode cannot identify a user of an unbound app.
+    let toml = LOGIN
+        .replace("[identity]", "[identity]\nuser_id = \"unionid\"")
+        .replace("wx1111111111111111", LEGACY_APPID)
+        .replace("shop-secret-0123456789", LEGACY_SECRET);
+    let gate = Gate::with_config(&toml).real_auth().start().await;
+    let code = gate.wechat.login_code(LEGACY_APPID, "omar");
+    let reply = gate
+        .post_json("/auth/login", &json!({ "code": code }))
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.error().as_str()),
+        (403, "unionid_unavailable")
+    );
+}

@@ -1,0 +1,22 @@
+-- wrk script: every request posts a fresh random wx.login()-shaped code to /auth/login.
+-- The mock WeChat runs with --any-code, so each code is a new, valid, single-use login.
+local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+function init(args)
+  math.randomseed(os.time() + math.floor(os.clock() * 1000000) + tonumber(tostring({}):sub(8), 16) % 100000)
+end
+
+function request()
+  local code = {}
+  for i = 1, 32 do
+    local n = math.random(1, #alphabet)
+    code[i] = alphabet:sub(n, n)
+  end
+  return wrk.format("POST", "/auth/login", { ["Content-Type"] = "application/json" },
+    '{"code":"' .. table.concat(code) .. '"}')
+end
+
+local failures = 0
+function response(status, headers, body)
+  if status ~= 200 then failures = failures + 1 end
+end

@@ -1,0 +1,157 @@
+//! What wxgate spends per authenticated request, piece by piece: access-token verification, the
+//! session lookup, header hygiene on a realistic request, and minting a token at login.
+//!
+//!     cargo bench --bench request_path
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use wxgate::auth::Identity;
+use wxgate::config::{Config, Secret};
+use wxgate::proxy::headers::{ClientInfo, HeaderRules};
+use wxgate::session::memory::MemoryStore;
+use wxgate::session::token::{SessionId, Tokens, new_refresh_token};
+use wxgate::session::{Session, SessionStore};
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn tokens(c: &mut Criterion) {
+    let tokens = Tokens::new(
+        &Secret::new("bench-signing-key-0123456789abcdef-0123456789"),
+        7200,
+    );
+    let sid = SessionId::random();
+    let token = tokens.mint_access(sid, "u_01a1fd2d13df70639aac598c73b87b6a", now());
+    c.bench_function("access token: verify", |b| {
+        b.iter(|| {
+            tokens
+                .verify_access(black_box(&token), black_box(now()))
+                .unwrap()
+        })
+    });
+    c.bench_function("access token: mint", |b| {
+        b.iter(|| {
+            tokens.mint_access(
+                black_box(sid),
+                black_box("u_01a1fd2d13df70639aac598c73b87b6a"),
+                now(),
+            )
+        })
+    });
+}
+
+fn sessions(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let store = Arc::new(MemoryStore::new(1_000_000, Duration::from_secs(86400)));
+    let mut sids = Vec::new();
+    runtime.block_on(async {
+        for i in 0..100_000 {
+            let sid = SessionId::random();
+            let (_, refresh) = new_refresh_token(sid);
+            store
+                .insert(Session {
+                    sid,
+                    user_id: format!("u_{i:032}"),
+                    app: Arc::from("shop"),
+                    appid: "wx0123456789abcdef".into(),
+                    openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
+                    unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
+                    created_at: 0,
+                    expires_at: u64::MAX,
+                    refresh,
+                    used_refresh: Vec::new(),
+                })
+                .await
+                .unwrap();
+            sids.push(sid);
+        }
+    });
+    let hit = sids[sids.len() / 2];
+    let miss = SessionId::random();
+    c.bench_function("session lookup: hit (100k sessions)", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { store.get(black_box(&hit), 1).await.unwrap().unwrap() })
+    });
+    c.bench_function("session lookup: miss", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { store.get(black_box(&miss), 1).await.unwrap() })
+    });
+}
+
+fn headers(c: &mut Criterion) {
+    let config = Config::parse(
+        "bench.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+        &|_| None,
+    )
+    .unwrap();
+    let rules = HeaderRules::from_config(&config);
+    let mut request = HeaderMap::new();
+    for (name, value) in [
+        ("host", "api.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) MicroMessenger/8.0.40",
+        ),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "zh-CN,zh;q=0.9"),
+        (
+            "authorization",
+            "Bearer eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1XzEifQ.sig",
+        ),
+        ("content-type", "application/json"),
+        ("content-length", "42"),
+        (
+            "referer",
+            "https://servicewechat.com/wx0123456789abcdef/12/page-frame.html",
+        ),
+        ("connection", "keep-alive"),
+        ("x-request-id", "0d0c4a5e-3f7a-4f5b-9d9b-6d2f7c1e8a11"),
+        ("x-user-id", "forged"),
+        ("x_wechat_openid", "forged"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("cookie", "a=b; c=d"),
+        ("cache-control", "no-cache"),
+        ("pragma", "no-cache"),
+        ("origin", "https://servicewechat.com"),
+        ("sec-fetch-mode", "cors"),
+        ("x-app-version", "3.2.1"),
+    ] {
+        request.append(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    let identity = Identity {
+        user_id: "u_01a1fd2d13df70639aac598c73b87b6a".into(),
+        appid: "wx0123456789abcdef".into(),
+        openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
+        unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
+    };
+    let client = ClientInfo {
+        peer: "203.0.113.9".parse().unwrap(),
+        scheme: "http",
+    };
+    c.bench_function("headers: strip and inject, 20-header request", |b| {
+        b.iter_batched_ref(
+            || request.clone(),
+            |headers| {
+                rules
+                    .prepare_request(headers, Some(&identity), client)
+                    .unwrap()
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, tokens, sessions, headers);
+criterion_main!(benches);
