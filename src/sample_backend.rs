@@ -8,7 +8,6 @@
 //! - [`Options::delay`] holds every response back, to play a slow backend.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,9 +17,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -76,28 +72,10 @@ impl SampleBackend {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let task_state = state.clone();
-        let task = tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let state = task_state.clone();
-                let options = options.clone();
-                let service = service_fn(move |request| {
-                    let state = state.clone();
-                    let options = options.clone();
-                    async move { Ok::<_, Infallible>(answer(request, &state, &options).await) }
-                });
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
+        let task = crate::server::spawn_plain(listener, move |request| {
+            let state = task_state.clone();
+            let options = options.clone();
+            async move { answer(request, &state, &options).await }
         });
         Ok(SampleBackend { addr, state, task })
     }
@@ -201,7 +179,7 @@ fn download(total: u64) -> Response<Body> {
         let start = i * CHUNK;
         let end = (start + CHUNK).min(total);
         let data: Vec<u8> = (start..end).map(download_byte).collect();
-        Ok::<_, Infallible>(Frame::data(Bytes::from(data)))
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(data)))
     });
     let stream = StreamBody::new(futures_util::stream::iter(chunks));
     let mut response = Response::new(body::boxed(stream));

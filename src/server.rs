@@ -219,3 +219,30 @@ where
         }
     });
 }
+
+/// A bare accept loop for wxgate's helper servers (the sample backend, the mock WeChat): HTTP/1.1 and
+/// h2c, each request answered by `handler`. It runs until the returned task is aborted.
+pub fn spawn_plain<F, Fut>(listener: TcpListener, handler: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = http::Response<crate::body::Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let handler = handler.clone();
+            let service = service_fn(move |request| {
+                let response = handler(request);
+                async move { Ok::<_, std::convert::Infallible>(response.await) }
+            });
+            let connection = builder.serve_connection(io(stream), service).into_owned();
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+    })
+}

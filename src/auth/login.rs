@@ -36,7 +36,9 @@ impl CodeExchanges {
     pub fn new() -> Self {
         CodeExchanges {
             answers: Cache::builder()
-                .max_capacity(1_000_000)
+                // Each answer is a few hundred bytes; past this, the oldest codes lose only their
+                // retry protection.
+                .max_capacity(200_000)
                 .time_to_live(CODE_LIFETIME)
                 .build(),
         }

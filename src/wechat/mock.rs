@@ -12,7 +12,6 @@
 //! clock forward.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +22,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -189,25 +185,9 @@ impl MockWechat {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let task_state = state.clone();
-        let task = tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let state = task_state.clone();
-                let service = service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(request, &state).await) }
-                });
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
+        let task = crate::server::spawn_plain(listener, move |request| {
+            let state = task_state.clone();
+            async move { handle(request, &state).await }
         });
         Ok(MockWechat { addr, state, task })
     }
