@@ -2,4 +2,5 @@
 //! benchmarks use in its place ([`mock`]). Both follow `shared/docs/wechat-protocol.md`.
 
 pub mod client;
+pub mod crypto;
 pub mod mock;
