@@ -173,6 +173,9 @@ pub struct FileWechat {
     pub api_base: Option<String>,
     /// Timeout of one call to WeChat. Default `"5s"`.
     pub timeout: Option<String>,
+    /// How old decrypted open data (user info, legacy phone data) may be, by its watermark timestamp.
+    /// Default `"10m"`.
+    pub watermark_max_age: Option<String>,
 }
 
 /// One `[[apps]]` entry.
@@ -297,6 +300,7 @@ pub struct UpstreamConfig {
 pub struct WechatConfig {
     pub api_base: Uri,
     pub timeout: Duration,
+    pub watermark_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -722,6 +726,11 @@ fn wechat_config(file: FileWechat) -> Result<WechatConfig, ConfigError> {
     Ok(WechatConfig {
         api_base,
         timeout: duration("wechat.timeout", file.timeout, Duration::from_secs(5))?,
+        watermark_max_age: duration(
+            "wechat.watermark_max_age",
+            file.watermark_max_age,
+            Duration::from_secs(600),
+        )?,
     })
 }
 

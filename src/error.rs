@@ -11,6 +11,7 @@ use crate::body::{self, Body, BoxError};
 use crate::metrics::Metrics;
 use crate::routes::PathError;
 use crate::wechat::client::WechatError;
+use crate::wechat::crypto::{CryptoError, WatermarkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -68,6 +69,15 @@ pub enum Error {
     /// The identity store failed; logins fail closed.
     #[error("identity store unavailable")]
     IdentityUnavailable(#[source] BoxError),
+    /// Open data that does not decrypt (bad base64, lengths, padding, not JSON, no session_key fits).
+    #[error("open data: {0}")]
+    DecryptFailed(CryptoError),
+    /// Open data issued for another app or user, or too old.
+    #[error("open data watermark: {0}")]
+    WatermarkMismatch(WatermarkError),
+    /// `signature` is not `sha1(rawData + session_key)`.
+    #[error("rawData signature mismatch")]
+    SignatureMismatch,
     /// A bug: a panic or a broken invariant. The client learns nothing more.
     #[error("internal error: {0}")]
     Internal(String),
@@ -98,6 +108,9 @@ impl Error {
                 StatusCode::BAD_GATEWAY
             }
             Error::IdentityUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::DecryptFailed(_) | Error::WatermarkMismatch(_) | Error::SignatureMismatch => {
+                StatusCode::BAD_REQUEST
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,6 +136,9 @@ impl Error {
             Error::WechatUnavailable(_) => "wechat_unavailable",
             Error::UnionidUnavailable => "unionid_unavailable",
             Error::IdentityUnavailable(_) => "identity_unavailable",
+            Error::DecryptFailed(_) => "decrypt_failed",
+            Error::WatermarkMismatch(_) => "watermark_mismatch",
+            Error::SignatureMismatch => "signature_mismatch",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -165,6 +181,32 @@ impl Error {
                 "No unionid is known for this user, and this gateway identifies users by unionid."
             }
             Error::IdentityUnavailable(_) => "Login is temporarily unavailable; try again shortly.",
+            Error::DecryptFailed(CryptoError::Base64(_)) => {
+                "encryptedData, iv or the session_key is not valid base64."
+            }
+            Error::DecryptFailed(CryptoError::KeyLength) => {
+                "The session_key is not 16 bytes; log in again."
+            }
+            Error::DecryptFailed(CryptoError::IvLength) => "iv is not 16 bytes.",
+            Error::DecryptFailed(CryptoError::CiphertextLength) => {
+                "encryptedData is not a non-zero multiple of 16 bytes."
+            }
+            Error::DecryptFailed(CryptoError::Padding) => {
+                "encryptedData does not decrypt with this session's keys; call wx.checkSession() and log in again if it failed."
+            }
+            Error::DecryptFailed(CryptoError::NotJson) => {
+                "The decrypted data is not a JSON object."
+            }
+            Error::WatermarkMismatch(WatermarkError::OtherApp) => {
+                "The data was issued for another app or user."
+            }
+            Error::WatermarkMismatch(WatermarkError::Stale) => {
+                "The data is too old (or from the future); fetch it again."
+            }
+            Error::WatermarkMismatch(WatermarkError::Missing) => "The data carries no watermark.",
+            Error::SignatureMismatch => {
+                "signature is not the SHA-1 of rawData and the session_key."
+            }
             Error::Internal(_) => "Internal error.",
         }
     }

@@ -46,6 +46,7 @@ pub struct Metrics {
     duration: Family<RouteLabels, Histogram>,
     errors: Family<ErrorLabels, Counter>,
     in_flight: Gauge,
+    merges: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -91,12 +92,19 @@ impl Metrics {
             "Requests being handled right now",
             in_flight.clone(),
         );
+        let merges = Counter::default();
+        registry.register(
+            "identity_merges",
+            "Users merged into another because a unionid showed they are the same person",
+            merges.clone(),
+        );
         Metrics {
             registry,
             requests,
             duration,
             errors,
             in_flight,
+            merges,
         }
     }
 
@@ -117,6 +125,10 @@ impl Metrics {
         self.errors
             .get_or_create(&ErrorLabels { error: code })
             .inc();
+    }
+
+    pub fn count_merges(&self, n: usize) {
+        self.merges.inc_by(n as u64);
     }
 
     /// Counts a request as in flight until the returned guard is dropped.

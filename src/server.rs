@@ -70,7 +70,10 @@ pub struct Server {
 impl Server {
     /// Opens the stores and builds the login service. Fails when a store cannot be opened.
     pub async fn new(config: Config) -> Result<Self, StartError> {
-        let auth = AuthService::from_config(&config).await?.map(Arc::new);
+        let metrics = Arc::new(Metrics::new());
+        let auth = AuthService::from_config(&config, metrics.clone())
+            .await?
+            .map(Arc::new);
         let authenticator: Arc<dyn Authenticator> = match &auth {
             Some(auth) => auth.clone(),
             None => Arc::new(Anonymous),
@@ -79,7 +82,7 @@ impl Server {
             config,
             auth,
             authenticator,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             readiness: Readiness::default(),
         })
     }

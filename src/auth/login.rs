@@ -11,6 +11,7 @@ use http::Response;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
+use super::open_data;
 use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest};
 use crate::body::Body;
 use crate::config::Secret;
@@ -112,12 +113,30 @@ impl AuthService {
             .exchange(&self.wechat, appid, &app.config.secret, &code)
             .await
             .map_err(login_error)?;
+        // User info sent with the code comes from the same wx.login() round: this exchange's
+        // session_key is the one it was encrypted with.
+        let opened = match request.open_data.is_present() {
+            true => Some(request.open_data.open(
+                std::slice::from_ref(&exchanged.session_key),
+                appid,
+                &exchanged.openid,
+                now,
+                self.watermark_max_age,
+            )?),
+            false => None,
+        };
+        let unionid = exchanged.unionid.clone().or_else(|| {
+            opened
+                .as_ref()
+                .and_then(open_data::unionid)
+                .map(str::to_owned)
+        });
         let resolved = self
             .identities
             .resolve(LoginIds {
                 appid,
                 openid: &exchanged.openid,
-                unionid: exchanged.unionid.as_deref(),
+                unionid: unionid.as_deref(),
             })
             .await
             .map_err(|e| match e {
@@ -125,18 +144,27 @@ impl AuthService {
                 IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
             })?;
         if !resolved.merged.is_empty() {
+            self.metrics.count_merges(resolved.merged.len());
             tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: the same person");
+            for from in &resolved.merged {
+                self.sessions
+                    .repoint_user(from, &resolved.user_id, unionid.as_deref())
+                    .await
+                    .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+            }
         }
         tracing::info!(app = %app.name, user_id = %resolved.user_id, new_user = resolved.created, "login");
         self.sessions
             .push_session_key(appid, &exchanged.openid, exchanged.session_key.clone(), now)
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        let profile = opened.as_ref().map(open_data::profile);
         self.start_session(
             app,
             resolved.user_id,
             exchanged.openid,
-            exchanged.unionid,
+            unionid,
+            profile,
             now,
         )
         .await

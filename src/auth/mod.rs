@@ -3,6 +3,7 @@
 //! answered here and never forwarded.
 
 pub mod login;
+pub mod open_data;
 pub mod service;
 
 use std::future::Future;

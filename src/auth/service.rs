@@ -7,6 +7,7 @@
 //! | `POST /refresh` | `{"refresh_token"}` | a new pair; the old refresh token is dead |
 //! | `POST /logout` | bearer | 204; the session and its access tokens stop working at once |
 //! | `GET /session` | bearer | the session's user and WeChat ids |
+//! | `POST /userinfo` | bearer + `{"encryptedData", "iv", "rawData"?, "signature"?}` | user id, unionid, profile ([`open_data`](super::open_data)) |
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,11 +21,13 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::login::CodeExchanges;
+use super::open_data::OpenData;
 use super::{AuthFuture, Authenticator, Identity, bearer_token};
 use crate::body::{self, Body};
 use crate::config::{AppConfig, AppKind, Config, SessionStoreConfig};
 use crate::error::Error;
 use crate::identity::Identities;
+use crate::metrics::Metrics;
 use crate::session::memory::MemoryStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
 use crate::session::{Rotation, Session, SessionStore};
@@ -54,6 +57,8 @@ pub struct AuthService {
     pub(super) tokens: Tokens,
     pub(super) refresh_ttl: u64,
     pub(super) exchanges: CodeExchanges,
+    pub(super) watermark_max_age: u64,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// A configured app, with its name shared by every session of it.
@@ -72,7 +77,10 @@ pub fn unix_now() -> u64 {
 impl AuthService {
     /// The login service for `config`, or `None` when no app is configured (then nobody can log in and
     /// `/auth/*` answers 404).
-    pub async fn from_config(config: &Config) -> Result<Option<AuthService>, StartError> {
+    pub async fn from_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<AuthService>, StartError> {
         let Some(signing_key) = &config.session.signing_key else {
             return Ok(None);
         };
@@ -105,6 +113,8 @@ impl AuthService {
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
             refresh_ttl: config.session.refresh_ttl.as_secs(),
             exchanges: CodeExchanges::new(),
+            watermark_max_age: config.wechat.watermark_max_age.as_secs(),
+            metrics,
         }))
     }
 
@@ -114,20 +124,27 @@ impl AuthService {
         path: &str,
         request: Request<Incoming>,
     ) -> Result<Response<Body>, Error> {
-        let method = request.method().clone();
+        let (parts, body) = request.into_parts();
         let now = unix_now();
-        match (path, method) {
+        let headers = &parts.headers;
+        match (path, parts.method) {
             ("/login", Method::POST) => {
-                self.login(read_json(request, LOGIN_EXPECTED).await?, now)
+                self.login(read_json(body, LOGIN_EXPECTED).await?, now)
                     .await
             }
             ("/refresh", Method::POST) => {
-                self.refresh(read_json(request, REFRESH_EXPECTED).await?, now)
+                self.refresh(read_json(body, REFRESH_EXPECTED).await?, now)
                     .await
             }
-            ("/logout", Method::POST) => self.logout(request.headers(), now).await,
-            ("/session", Method::GET | Method::HEAD) => self.session(request.headers(), now).await,
-            ("/login" | "/refresh" | "/logout", _) => Err(Error::MethodNotAllowed("POST")),
+            ("/logout", Method::POST) => self.logout(headers, now).await,
+            ("/session", Method::GET | Method::HEAD) => self.session(headers, now).await,
+            ("/userinfo", Method::POST) => {
+                let data: OpenData = read_json(body, USERINFO_EXPECTED).await?;
+                self.userinfo(headers, data, now).await
+            }
+            ("/login" | "/refresh" | "/logout" | "/userinfo", _) => {
+                Err(Error::MethodNotAllowed("POST"))
+            }
             ("/session", _) => Err(Error::MethodNotAllowed("GET, HEAD")),
             _ => Err(Error::NotFound),
         }
@@ -159,6 +176,7 @@ impl AuthService {
         user_id: String,
         openid: String,
         unionid: Option<String>,
+        profile: Option<serde_json::Value>,
         now: u64,
     ) -> Result<Response<Body>, Error> {
         let sid = crate::session::SessionId::random();
@@ -175,7 +193,7 @@ impl AuthService {
             refresh,
             used_refresh: Vec::new(),
         };
-        let response = self.token_response(&session, refresh_token, now);
+        let response = self.token_response(&session, refresh_token, profile, now);
         self.sessions
             .insert(session)
             .await
@@ -183,20 +201,28 @@ impl AuthService {
         Ok(response)
     }
 
-    fn token_response(&self, session: &Session, refresh_token: String, now: u64) -> Response<Body> {
+    /// The token pair, plus the profile when the login carried user info.
+    fn token_response(
+        &self,
+        session: &Session,
+        refresh_token: String,
+        profile: Option<serde_json::Value>,
+        now: u64,
+    ) -> Response<Body> {
         let access_token = self.tokens.mint_access(session.sid, &session.user_id, now);
-        no_store(body::json(
-            StatusCode::OK,
-            &json!({
-                "access_token": access_token,
-                "token_type": "Bearer",
-                "expires_in": self.tokens.access_ttl(),
-                "refresh_token": refresh_token,
-                "refresh_expires_in": session.expires_at.saturating_sub(now),
-                "user_id": session.user_id,
-                "unionid_known": session.unionid.is_some(),
-            }),
-        ))
+        let mut pair = json!({
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": self.tokens.access_ttl(),
+            "refresh_token": refresh_token,
+            "refresh_expires_in": session.expires_at.saturating_sub(now),
+            "user_id": session.user_id,
+            "unionid_known": session.unionid.is_some(),
+        });
+        if let Some(profile) = profile {
+            pair["profile"] = profile;
+        }
+        no_store(body::json(StatusCode::OK, &pair))
     }
 
     async fn refresh(&self, request: RefreshRequest, now: u64) -> Result<Response<Body>, Error> {
@@ -211,7 +237,7 @@ impl AuthService {
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         match rotation {
-            Rotation::Rotated(session) => Ok(self.token_response(&session, next_token, now)),
+            Rotation::Rotated(session) => Ok(self.token_response(&session, next_token, None, now)),
             Rotation::Replayed { user_id } => {
                 tracing::warn!(%user_id, "a used refresh token was presented again; the session is revoked");
                 Err(Error::InvalidToken)
@@ -256,7 +282,7 @@ impl AuthService {
     }
 
     /// The live session an access token names.
-    async fn live_session(&self, token: &str, now: u64) -> Result<Arc<Session>, Error> {
+    pub(super) async fn live_session(&self, token: &str, now: u64) -> Result<Arc<Session>, Error> {
         let claims = self.verify(token, now)?;
         self.sessions
             .get(&claims.sid, now)
@@ -296,11 +322,15 @@ impl Authenticator for AuthService {
 pub(super) const LOGIN_EXPECTED: &str =
     "The body must be JSON like {\"code\": \"<code from wx.login()>\"}.";
 const REFRESH_EXPECTED: &str = "The body must be JSON like {\"refresh_token\": \"...\"}.";
+const USERINFO_EXPECTED: &str = "The body must be JSON like {\"encryptedData\": \"...\", \"iv\": \"...\"}, from wx.getUserInfo().";
 
 #[derive(Deserialize)]
 pub(super) struct LoginRequest {
     pub code: Option<String>,
     pub app: Option<String>,
+    /// User info from the same `wx.login()` round, decrypted with this exchange's session_key.
+    #[serde(flatten)]
+    pub open_data: OpenData,
 }
 
 #[derive(Deserialize)]
@@ -310,13 +340,10 @@ struct RefreshRequest {
 
 /// Reads a JSON body of at most [`MAX_AUTH_BODY`] bytes.
 async fn read_json<T: DeserializeOwned>(
-    request: Request<Incoming>,
+    body: Incoming,
     expected: &'static str,
 ) -> Result<T, Error> {
-    let bytes: Bytes = match Limited::new(request.into_body(), MAX_AUTH_BODY)
-        .collect()
-        .await
-    {
+    let bytes: Bytes = match Limited::new(body, MAX_AUTH_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::PayloadTooLarge),
         Err(_) => return Err(Error::BadRequest("The request body could not be read.")),
@@ -325,7 +352,7 @@ async fn read_json<T: DeserializeOwned>(
 }
 
 /// Token responses must never be cached by a browser or an intermediary.
-fn no_store(mut response: Response<Body>) -> Response<Body> {
+pub(super) fn no_store(mut response: Response<Body>) -> Response<Body> {
     response.headers_mut().insert(
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),

@@ -100,6 +100,39 @@ impl SessionStore for MemoryStore {
         Ok(outcome)
     }
 
+    async fn repoint_user(
+        &self,
+        from: &str,
+        into: &str,
+        unionid: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        // Merges are rare; a scan is simpler than keeping a user -> sessions index on every login.
+        let affected: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.user_id == from)
+            .map(|(sid, _)| *sid)
+            .collect();
+        let mut changed = 0;
+        for sid in affected {
+            self.sessions
+                .entry(sid)
+                .and_compute_with(|entry| match entry {
+                    Some(entry) if entry.value().user_id == from => {
+                        let mut session = Session::clone(entry.value());
+                        session.user_id = into.to_owned();
+                        if let Some(unionid) = unionid {
+                            session.unionid = Some(unionid.to_owned());
+                        }
+                        changed += 1;
+                        Op::Put(Arc::new(session))
+                    }
+                    _ => Op::Nop,
+                });
+        }
+        Ok(changed)
+    }
+
     async fn revoke(&self, sid: &SessionId) -> Result<bool, StoreError> {
         Ok(self.sessions.remove(sid).is_some())
     }

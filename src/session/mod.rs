@@ -84,6 +84,16 @@ pub trait SessionStore: Send + Sync + 'static {
         expires_at: u64,
     ) -> Result<Rotation, StoreError>;
 
+    /// Points every session of user `from` at user `into` and, when given, records its unionid: after
+    /// a merge (or a unionid learned later) the next request of those sessions carries the survivor.
+    /// Returns how many sessions changed.
+    async fn repoint_user(
+        &self,
+        from: &str,
+        into: &str,
+        unionid: Option<&str>,
+    ) -> Result<u64, StoreError>;
+
     /// Removes the session; `true` if it existed.
     async fn revoke(&self, sid: &SessionId) -> Result<bool, StoreError>;
 

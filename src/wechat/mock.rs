@@ -1,8 +1,9 @@
 //! A mock of the WeChat server API, faithful to `shared/docs/wechat-protocol.md`, shared by the
 //! integration tests, the demo and the benchmarks. It is never on wxgate's own request path.
 //!
-//! Behaviour, as WeChat's: codes are single use and expire after 5 minutes; every successful exchange
-//! issues a new session_key for that (appid, user) and the previous one dies; unionid only for apps
+//! Behaviour, as WeChat's: codes are single use and expire after 5 minutes; every `wx.login()` brings a
+//! new session_key, which the client's open data is encrypted with and which exchanging the code
+//! reveals to the server, and the previous one dies; unionid only for apps
 //! bound to an Open Platform account; business errors are HTTP 200 with `errcode` and an `errmsg` that
 //! ends in a changing `rid`; `sns/*` is served as `text/plain`; at most 100 logins per user per minute.
 //!
@@ -65,14 +66,19 @@ struct IssuedCode {
     user: String,
     issued_at: Instant,
     used: bool,
+    /// `wx.login()` is what rotates the session_key: the client's data is encrypted with this key
+    /// from the moment the code exists, and exchanging the code reveals it to the server.
+    session_key: String,
 }
 
 #[derive(Default)]
 struct State {
     apps: HashMap<String, App>,
     codes: HashMap<String, IssuedCode>,
-    /// (appid, openid) -> the one valid session_key.
+    /// (appid, openid) -> the one valid session_key, as the server learned it by exchanging a code.
     session_keys: HashMap<(String, String), String>,
+    /// (appid, user) -> the session_key of the user's latest `wx.login()`, the one their client holds.
+    client_keys: HashMap<(String, String), String>,
     /// endpoint -> faults for the next calls, first first.
     faults: HashMap<String, Vec<Fault>>,
     calls: HashMap<String, u64>,
@@ -92,17 +98,64 @@ impl State {
     /// Plays `wx.login()`: a fresh code for `user` in `appid`.
     fn mint_code(&mut self, appid: &str, user: &str) -> String {
         let code = new_code();
+        self.issue(code.clone(), appid, user);
+        code
+    }
+
+    fn issue(&mut self, code: String, appid: &str, user: &str) {
+        let session_key = new_session_key();
+        self.client_keys
+            .insert((appid.to_owned(), user.to_owned()), session_key.clone());
         let issued_at = self.now();
         self.codes.insert(
-            code.clone(),
+            code,
             IssuedCode {
                 appid: appid.to_owned(),
                 user: user.to_owned(),
                 issued_at,
                 used: false,
+                session_key,
             },
         );
-        code
+    }
+
+    /// Unix seconds on the mock's clock.
+    fn unix_now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + self.skew.as_secs()
+    }
+
+    /// Plays `wx.getUserInfo()` for `user` in `appid`: the anonymised profile (as WeChat gives it
+    /// since 2021) with openId, unionId and a watermark, encrypted with the current session_key.
+    /// `None` when the user never called `wx.login()` in that app.
+    fn user_info(&self, appid: &str, user: &str) -> Option<UserInfo> {
+        let openid = openid_of(appid, user);
+        let key = self.client_keys.get(&(appid.to_owned(), user.to_owned()))?;
+        let profile = json!({
+            "nickName": "微信用户",
+            "gender": 0,
+            "language": "",
+            "city": "",
+            "province": "",
+            "country": "",
+            "avatarUrl": "https://thirdwx.qlogo.cn/mmopen/vi_32/POgEwh4mIHO4nibH0KlMECNjjGxQUq24ZEaGT4poC6icRiccVGKSyXwibcPq4BWmiaIGuG1icwxaQX6grC9VemZoJ8rg/132",
+        });
+        let raw_data = profile.to_string();
+        let mut full = profile;
+        full["openId"] = json!(openid);
+        full["unionId"] = json!(unionid_of(user));
+        full["watermark"] = json!({ "timestamp": self.unix_now(), "appid": appid });
+        let iv: [u8; 16] = random_bytes();
+        let encrypted_data =
+            crate::wechat::crypto::encrypt(key, &iv, full.to_string().as_bytes()).ok()?;
+        Some(UserInfo {
+            encrypted_data,
+            iv: STANDARD.encode(iv),
+            signature: crate::wechat::crypto::raw_data_signature(&raw_data, key),
+            raw_data,
+        })
     }
 
     fn add_fault(&mut self, endpoint: &str, fault: Fault, times: usize) {
@@ -116,6 +169,16 @@ impl State {
         let queue = self.faults.get_mut(endpoint)?;
         (!queue.is_empty()).then(|| queue.remove(0))
     }
+}
+
+/// What `wx.getUserInfo()` hands a mini program: encrypted with the user's current session_key.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInfo {
+    pub encrypted_data: String,
+    pub iv: String,
+    pub raw_data: String,
+    pub signature: String,
 }
 
 /// A running mock WeChat; it stops when dropped.
@@ -229,6 +292,12 @@ impl MockWechat {
             .cloned()
     }
 
+    /// Plays `wx.getUserInfo()` for `user` in `appid` (after a login there): encrypted user info with
+    /// openId, unionId and a fresh watermark, plus rawData and its signature.
+    pub fn user_info(&self, appid: &str, user: &str) -> Option<UserInfo> {
+        self.state().user_info(appid, user)
+    }
+
     /// Makes the next `times` calls of `endpoint` (e.g. [`JSCODE2SESSION`]) suffer `fault`.
     pub fn fail_next(&self, endpoint: &str, fault: Fault, times: usize) {
         self.state().add_fault(endpoint, fault, times);
@@ -314,15 +383,7 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         // characters (3,844 users for random alphanumeric codes: a few first logins, then returning
         // users, as in real traffic).
         let user = code[..2].to_owned();
-        state.codes.insert(
-            code.clone(),
-            IssuedCode {
-                appid: appid.clone(),
-                user,
-                issued_at: now,
-                used: false,
-            },
-        );
+        state.issue(code.clone(), appid, &user);
     }
     let Some(issued) = state.codes.get_mut(code.as_str()) else {
         return errcode(40029, "invalid code");
@@ -335,6 +396,7 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
     }
     issued.used = true;
     let user = issued.user.clone();
+    let session_key = issued.session_key.clone();
     let recent = state
         .recent_logins
         .entry((appid.clone(), user.clone()))
@@ -348,7 +410,6 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
     }
     recent.push(now);
     let openid = openid_of(appid, &user);
-    let session_key = new_session_key();
     state
         .session_keys
         .insert((appid.clone(), openid.clone()), session_key.clone());
@@ -492,6 +553,15 @@ async fn control(request: Request<Incoming>, state: &Mutex<State>) -> Response<B
             }
             Err(e) => control_error(&e.to_string()),
         },
+        (Method::POST, "/__mock/userinfo") => {
+            match serde_json::from_slice::<LoginRequest>(&bytes) {
+                Ok(r) => match handle.with(|s| s.user_info(&r.appid, &r.user)) {
+                    Some(info) => body::json(StatusCode::OK, &json!(info)),
+                    None => control_error("that user has not logged in to that app yet"),
+                },
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
         (Method::GET, "/__mock/session_key") => {
             let (Some(appid), Some(openid)) = (query.get("appid"), query.get("openid")) else {
                 return control_error("pass ?appid=...&openid=...");

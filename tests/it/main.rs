@@ -5,6 +5,7 @@ mod forwarding;
 mod lifecycle;
 mod login;
 mod mock_wechat;
+mod open_data;
 mod routing;
 mod secrets;
 mod support;

@@ -1,0 +1,186 @@
+//! Open data: `POST /auth/userinfo`, and the same fields carried by `POST /auth/login`. Decrypting user
+//! info is how an app that is not bound to an Open Platform account learns the unionid, and learning a
+//! unionid is how two users are found to be one person (identity rule 4).
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::bearer_token;
+use super::service::{AuthService, no_store};
+use crate::body::{self, Body};
+use crate::config::Secret;
+use crate::error::Error;
+use crate::identity::{IdentityError, LoginIds};
+use crate::session::Session;
+use crate::wechat::crypto::{self, CryptoError, WatermarkError};
+
+/// The fields `wx.getUserInfo` (and the legacy phone button) hand the client.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenData {
+    pub encrypted_data: Option<String>,
+    pub iv: Option<String>,
+    pub raw_data: Option<String>,
+    pub signature: Option<String>,
+}
+
+/// Profile fields returned to the client (not identity: since 2021 WeChat anonymises them).
+const PROFILE_FIELDS: [&str; 7] = [
+    "nickName",
+    "avatarUrl",
+    "gender",
+    "language",
+    "city",
+    "province",
+    "country",
+];
+
+impl OpenData {
+    pub fn is_present(&self) -> bool {
+        self.encrypted_data.is_some() || self.iv.is_some()
+    }
+
+    /// Decrypts with the first of `keys` (newest first) that fits, then checks the watermark, that the
+    /// data is this user's, and the rawData signature when one is given.
+    pub fn open(
+        &self,
+        keys: &[Secret],
+        appid: &str,
+        openid: &str,
+        now: u64,
+        max_age: u64,
+    ) -> Result<Value, Error> {
+        let (Some(encrypted), Some(iv)) = (&self.encrypted_data, &self.iv) else {
+            return Err(Error::BadRequest(
+                "Send both encryptedData and iv, as wx.getUserInfo() returns them.",
+            ));
+        };
+        let mut opened = Err(Error::DecryptFailed(CryptoError::Padding));
+        for key in keys {
+            match crypto::decrypt_json(key.expose(), iv, encrypted) {
+                Ok(value) => {
+                    opened = Ok((value, key));
+                    break;
+                }
+                // Another key may fit: WeChat rotates the session_key on every wx.login().
+                Err(CryptoError::Padding | CryptoError::NotJson) => continue,
+                Err(e) => return Err(Error::DecryptFailed(e)),
+            }
+        }
+        let (value, key) = opened?;
+        crypto::check_watermark(&value, appid, now, max_age).map_err(Error::WatermarkMismatch)?;
+        if value
+            .get("openId")
+            .and_then(Value::as_str)
+            .is_some_and(|o| o != openid)
+        {
+            return Err(Error::WatermarkMismatch(WatermarkError::OtherApp));
+        }
+        match (&self.raw_data, &self.signature) {
+            (Some(raw), Some(signature)) => {
+                if !crypto::signature_matches(raw, key.expose(), signature) {
+                    return Err(Error::SignatureMismatch);
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::BadRequest(
+                    "Send rawData and signature together, or neither.",
+                ));
+            }
+        }
+        Ok(value)
+    }
+}
+
+/// The profile fields of decrypted user info.
+pub fn profile(data: &Value) -> Value {
+    let mut profile = Map::new();
+    for field in PROFILE_FIELDS {
+        if let Some(v) = data.get(field) {
+            profile.insert(field.to_owned(), v.clone());
+        }
+    }
+    Value::Object(profile)
+}
+
+/// The unionid in decrypted user info, if any.
+pub fn unionid(data: &Value) -> Option<&str> {
+    data.get("unionId")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+}
+
+impl AuthService {
+    pub(super) async fn userinfo(
+        &self,
+        headers: &HeaderMap,
+        data: OpenData,
+        now: u64,
+    ) -> Result<Response<Body>, Error> {
+        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
+        let session = self.live_session(token, now).await?;
+        let keys = self
+            .sessions
+            .session_keys(&session.appid, &session.openid)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        let opened = data.open(
+            &keys,
+            &session.appid,
+            &session.openid,
+            now,
+            self.watermark_max_age,
+        )?;
+        let user_id = match unionid(&opened) {
+            Some(unionid) => self.learn_unionid(&session, unionid).await?,
+            None => session.user_id.clone(),
+        };
+        let mut view = json!({ "user_id": user_id, "profile": profile(&opened) });
+        if let Some(unionid) = unionid(&opened).or(session.unionid.as_deref()) {
+            view["unionid"] = json!(unionid);
+        }
+        Ok(no_store(body::json(StatusCode::OK, &view)))
+    }
+
+    /// Links a unionid learned after login to the session's user (identity rule 4): when the unionid
+    /// belongs to another user, this user is merged into that one, and every live session of the
+    /// merged users carries the survivor from the next request on. Returns the user's id.
+    pub(super) async fn learn_unionid(
+        &self,
+        session: &Arc<Session>,
+        unionid: &str,
+    ) -> Result<String, Error> {
+        if session.unionid.as_deref() == Some(unionid) {
+            return Ok(session.user_id.clone());
+        }
+        let resolved = self
+            .identities
+            .resolve(LoginIds {
+                appid: &session.appid,
+                openid: &session.openid,
+                unionid: Some(unionid),
+            })
+            .await
+            .map_err(|e| match e {
+                IdentityError::NoUnionid => Error::UnionidUnavailable,
+                IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
+            })?;
+        if !resolved.merged.is_empty() {
+            self.metrics.count_merges(resolved.merged.len());
+            tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: a unionid showed they are one person");
+        }
+        let mut moved = vec![session.user_id.as_str()];
+        moved.extend(resolved.merged.iter().map(String::as_str));
+        for from in moved {
+            self.sessions
+                .repoint_user(from, &resolved.user_id, Some(unionid))
+                .await
+                .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        }
+        Ok(resolved.user_id)
+    }
+}
