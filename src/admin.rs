@@ -1,5 +1,6 @@
-//! The admin listener: `GET /healthz`, `GET /readyz`, `GET /metrics`, for operators and orchestrators.
-//! It must never share a port with client traffic (the config refuses that).
+//! The admin listener: `GET /healthz`, `GET /readyz`, `GET /metrics` for orchestrators, and
+//! `GET /users/{user_id}`, `GET /users?openid=...[&appid=...]`, `GET /users?unionid=...` for operators
+//! asking "who is this?". It must never share a port with client traffic (the config refuses that).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use serde_json::json;
 
 use crate::auth::service::AuthService;
 use crate::body::{self, Body};
+use crate::identity::UserKey;
 use crate::metrics::Metrics;
 
 /// Whether the instance should receive traffic: true once the listeners are bound, false from the
@@ -51,6 +53,8 @@ impl Admin {
         let response = match request.uri().path() {
             "/healthz" => body::json(StatusCode::OK, &json!({"status": "ok"})),
             "/readyz" => self.readyz().await,
+            "/users" => self.user(request.uri().query()).await,
+            path if path.starts_with("/users/") => self.user_by_id(&path["/users/".len()..]).await,
             "/metrics" => {
                 let mut response = Response::new(body::full(self.metrics.render()));
                 response.headers_mut().insert(
@@ -61,10 +65,57 @@ impl Admin {
             }
             _ => body::json(
                 StatusCode::NOT_FOUND,
-                &json!({"error": "not_found", "message": "Admin endpoints are /healthz, /readyz and /metrics."}),
+                &json!({"error": "not_found", "message": "Admin endpoints are /healthz, /readyz, /metrics and /users."}),
             ),
         };
         Ok(response)
+    }
+
+    async fn user_by_id(&self, user_id: &str) -> Response<Body> {
+        self.lookup(UserKey::UserId(user_id)).await
+    }
+
+    async fn user(&self, query: Option<&str>) -> Response<Body> {
+        let params: Vec<(String, String)> = query
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        match (get("openid"), get("appid"), get("unionid")) {
+            (Some(openid), appid, None) => self.lookup(UserKey::OpenId { appid, openid }).await,
+            (None, None, Some(unionid)) => self.lookup(UserKey::UnionId(unionid)).await,
+            _ => body::json(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "bad_request", "message": "Ask /users/{user_id}, /users?openid=...[&appid=...] or /users?unionid=..."}),
+            ),
+        }
+    }
+
+    async fn lookup(&self, key: UserKey<'_>) -> Response<Body> {
+        let Some(auth) = self.auth.as_ref().filter(|a| a.identities().has_store()) else {
+            return body::json(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": "This gateway keeps no identity store (no apps, or identity.user_id is not internal)."}),
+            );
+        };
+        match auth.identities().user(key).await {
+            Ok(Some(record)) => body::json(StatusCode::OK, &json!(record)),
+            Ok(None) => body::json(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": "No such user."}),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "user lookup failed");
+                body::json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": "identity_unavailable", "message": "The identity store does not answer."}),
+                )
+            }
+        }
     }
 
     async fn readyz(&self) -> Response<Body> {

@@ -296,6 +296,11 @@ impl AuthService {
         self.identities.ping().await
     }
 
+    /// The identity rules and store, for the admin lookup.
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
     /// Live sessions, for metrics.
     pub fn sessions(&self) -> &Arc<dyn SessionStore> {
         &self.sessions

@@ -29,6 +29,53 @@ pub struct Resolved {
     pub merged: Vec<String>,
 }
 
+/// How an operator names a user.
+#[derive(Debug, Clone, Copy)]
+pub enum UserKey<'a> {
+    UserId(&'a str),
+    /// `appid` may be left out: openids differ per app, so one openid names one user.
+    OpenId {
+        appid: Option<&'a str>,
+        openid: &'a str,
+    },
+    UnionId(&'a str),
+}
+
+/// Everything the store knows about a user, for operators.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserRecord {
+    pub user_id: String,
+    pub created_at: i64,
+    /// Set when this user turned out to be the same person as another: the survivor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unionid: Option<String>,
+    pub openids: Vec<OpenIdLink>,
+    /// Users merged into this one.
+    pub merged_from: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<Phone>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OpenIdLink {
+    pub appid: String,
+    pub openid: String,
+    pub linked_at: i64,
+}
+
+/// A phone number WeChat verified for the user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Phone {
+    /// With country code, as WeChat gives it, e.g. `+86 13580006666` or `13580006666`.
+    pub phone_number: String,
+    pub country_code: String,
+    pub verified_at: i64,
+}
+
 /// A failure of the identity store (unreachable, corrupt, full). Logins fail closed on it.
 #[derive(Debug, thiserror::Error)]
 #[error("identity store: {0}")]
@@ -44,6 +91,12 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// - else a known (appid, openid) decides the user, and a new unionid is linked to it;
     /// - else a new user is created with both links.
     async fn resolve(&self, ids: LoginIds<'_>) -> Result<Resolved, StoreError>;
+
+    /// The user `key` names (for a merged user: the record that points at its survivor).
+    async fn user(&self, key: UserKey<'_>) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Records a verified phone number on the user.
+    async fn set_phone(&self, user_id: &str, phone: &Phone) -> Result<(), StoreError>;
 
     /// Whether the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -107,6 +160,27 @@ impl Identities {
             (UserIdMode::UnionId, _) => ids.unionid.map(direct).ok_or(IdentityError::NoUnionid),
             (UserIdMode::OpenId, _) => Ok(direct(ids.openid)),
         }
+    }
+
+    /// The user `key` names; `None` also when this mode keeps no store.
+    pub async fn user(&self, key: UserKey<'_>) -> Result<Option<UserRecord>, StoreError> {
+        match &self.store {
+            Some(store) => store.user(key).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Records a verified phone number; a no-op in the modes that keep no store.
+    pub async fn set_phone(&self, user_id: &str, phone: &Phone) -> Result<(), StoreError> {
+        match &self.store {
+            Some(store) => store.set_phone(user_id, phone).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a store is kept (mode `internal`).
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

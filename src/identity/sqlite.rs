@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::{IdentityStore, LoginIds, Resolved, StoreError, new_user_id};
+use super::{
+    IdentityStore, LoginIds, OpenIdLink, Phone, Resolved, StoreError, UserKey, UserRecord,
+    new_user_id,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -264,6 +267,109 @@ impl IdentityStore for SqliteStore {
         };
         tx.commit().await.map_err(store_error)?;
         Ok(resolved)
+    }
+
+    async fn user(&self, key: UserKey<'_>) -> Result<Option<UserRecord>, StoreError> {
+        let user_id: Option<String> = match key {
+            UserKey::UserId(id) => {
+                sqlx::query_scalar("SELECT user_id FROM users WHERE user_id = ?").bind(id)
+            }
+            UserKey::OpenId {
+                appid: Some(appid),
+                openid,
+            } => {
+                sqlx::query_scalar("SELECT user_id FROM app_openids WHERE appid = ? AND openid = ?")
+                    .bind(appid)
+                    .bind(openid)
+            }
+            UserKey::OpenId {
+                appid: None,
+                openid,
+            } => sqlx::query_scalar("SELECT user_id FROM app_openids WHERE openid = ? LIMIT 1")
+                .bind(openid),
+            UserKey::UnionId(unionid) => {
+                sqlx::query_scalar("SELECT user_id FROM unionids WHERE unionid = ?").bind(unionid)
+            }
+        }
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let Some(user_id) = user_id else {
+            return Ok(None);
+        };
+        type UserRow = (
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let (created_at, merged_into, merged_at, phone, country_code, verified_at): UserRow = sqlx::query_as(
+            "SELECT created_at, merged_into, merged_at, phone, phone_country_code, phone_verified_at \
+             FROM users WHERE user_id = ?",
+        )
+        .bind(&user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let unionid: Option<String> =
+            sqlx::query_scalar("SELECT unionid FROM unionids WHERE user_id = ?")
+                .bind(&user_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        let openids: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT appid, openid, linked_at FROM app_openids WHERE user_id = ? ORDER BY appid, openid",
+        )
+        .bind(&user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let merged_from: Vec<String> = sqlx::query_scalar(
+            "SELECT user_id FROM users WHERE merged_into = ? ORDER BY merged_at, user_id",
+        )
+        .bind(&user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let phone = match (phone, country_code, verified_at) {
+            (Some(phone_number), country_code, Some(verified_at)) => Some(Phone {
+                phone_number,
+                country_code: country_code.unwrap_or_default(),
+                verified_at,
+            }),
+            _ => None,
+        };
+        Ok(Some(UserRecord {
+            user_id,
+            created_at,
+            merged_into,
+            merged_at,
+            unionid,
+            openids: openids
+                .into_iter()
+                .map(|(appid, openid, linked_at)| OpenIdLink {
+                    appid,
+                    openid,
+                    linked_at,
+                })
+                .collect(),
+            merged_from,
+            phone,
+        }))
+    }
+
+    async fn set_phone(&self, user_id: &str, phone: &Phone) -> Result<(), StoreError> {
+        sqlx::query("UPDATE users SET phone = ?, phone_country_code = ?, phone_verified_at = ? WHERE user_id = ?")
+            .bind(&phone.phone_number)
+            .bind(&phone.country_code)
+            .bind(phone.verified_at)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(store_error)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -264,3 +264,62 @@ async fn bad_open_data_gets_a_precise_400_and_links_nothing() {
     assert_eq!(userinfo(&gate, access, &bare).await.status, 200);
     assert_eq!(userinfo(&gate, &json!("forged"), &good).await.status, 401);
 }
+
+#[tokio::test]
+async fn operators_can_ask_who_a_user_is_and_see_merges() {
+    let gate = Gate::with_config(&both_apps()).real_auth().start().await;
+    let legacy = login(&gate, "legacy", LEGACY_APPID, "finn").await;
+    let shop = login(&gate, "shop", SHOP_APPID, "finn").await;
+    let info = gate.wechat.user_info(LEGACY_APPID, "finn").unwrap();
+    assert_eq!(
+        userinfo(&gate, &legacy["access_token"], &as_json(&info))
+            .await
+            .status,
+        200
+    );
+    let admin = |path: String| {
+        let url = format!("http://{}{path}", gate.admin);
+        async move { Http::h1().get(&url, &[]).await }
+    };
+    let survivor = shop["user_id"].as_str().unwrap();
+    let merged = legacy["user_id"].as_str().unwrap();
+
+    let record = admin(format!("/users/{survivor}")).await;
+    assert_eq!(record.status, 200);
+    let record = record.json();
+    assert_eq!(record["unionid"], unionid_of("finn").as_str());
+    assert_eq!(record["merged_from"], json!([merged]));
+    let apps: Vec<&str> = record["openids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["appid"].as_str().unwrap())
+        .collect();
+    assert_eq!(apps, [SHOP_APPID, LEGACY_APPID]);
+
+    let old = admin(format!("/users/{merged}")).await.json();
+    assert_eq!(old["merged_into"], survivor);
+    assert_eq!(old["openids"], json!([]));
+
+    let by_openid = admin(format!(
+        "/users?openid={}&appid={LEGACY_APPID}",
+        openid_of(LEGACY_APPID, "finn")
+    ))
+    .await;
+    assert_eq!(by_openid.json()["user_id"], survivor);
+    let by_openid_alone = admin(format!("/users?openid={}", openid_of(SHOP_APPID, "finn"))).await;
+    assert_eq!(by_openid_alone.json()["user_id"], survivor);
+    let by_unionid = admin(format!("/users?unionid={}", unionid_of("finn"))).await;
+    assert_eq!(by_unionid.json()["user_id"], survivor);
+    assert_eq!(admin("/users/u_nobody".to_owned()).await.status, 404);
+    assert_eq!(admin("/users?unionid=nobody".to_owned()).await.status, 404);
+    assert_eq!(admin("/users".to_owned()).await.status, 400);
+    // Not on the public port.
+    assert_eq!(
+        Http::h1()
+            .get(&gate.url(&format!("/users/{survivor}")), &[])
+            .await
+            .status,
+        401
+    );
+}
