@@ -63,6 +63,7 @@ fn sessions(c: &mut Criterion) {
                     appid: "wx0123456789abcdef".into(),
                     openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
                     unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
+                    phone: None,
                     created_at: 0,
                     expires_at: u64::MAX,
                     refresh,
@@ -135,6 +136,7 @@ fn headers(c: &mut Criterion) {
         appid: "wx0123456789abcdef".into(),
         openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
         unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
+        phone: None,
     };
     let client = ClientInfo {
         peer: "203.0.113.9".parse().unwrap(),

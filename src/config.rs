@@ -248,6 +248,9 @@ pub struct FileHeaders {
     pub openid: Option<String>,
     /// Header carrying the user's unionid, when known. Default `X-WeChat-UnionId`.
     pub unionid: Option<String>,
+    /// Header carrying the user's verified phone number (from `/auth/phone`), when known. Not sent
+    /// unless configured, e.g. `phone = "X-WeChat-Phone"`.
+    pub phone: Option<String>,
     /// Forward client headers whose names contain `_`. Off by default (as in nginx), because some
     /// frameworks read `X_User_Id` as `X-User-Id`.
     pub allow_underscores: Option<bool>,
@@ -367,6 +370,8 @@ pub struct HeadersConfig {
     pub appid: HeaderName,
     pub openid: HeaderName,
     pub unionid: HeaderName,
+    /// `None`: the phone number is not sent upstream.
+    pub phone: Option<HeaderName>,
     pub allow_underscores: bool,
 }
 
@@ -977,11 +982,16 @@ fn headers_config(file: FileHeaders) -> Result<HeadersConfig, ConfigError> {
     let appid = header("appid", file.appid, "X-WeChat-AppId")?;
     let openid = header("openid", file.openid, "X-WeChat-OpenId")?;
     let unionid = header("unionid", file.unionid, "X-WeChat-UnionId")?;
+    let phone = match file.phone {
+        Some(name) => Some(header("phone", Some(name), "X-WeChat-Phone")?),
+        None => None,
+    };
     Ok(HeadersConfig {
         user_id,
         appid,
         openid,
         unionid,
+        phone,
         allow_underscores: file.allow_underscores.unwrap_or(false),
     })
 }

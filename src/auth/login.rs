@@ -12,11 +12,12 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use super::open_data;
-use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest};
+use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
 use crate::body::Body;
 use crate::config::Secret;
 use crate::error::Error;
 use crate::identity::{IdentityError, LoginIds};
+use crate::session::UserChange;
 use crate::wechat::client::{CodeSession, WechatClient, WechatError};
 
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
@@ -148,7 +149,14 @@ impl AuthService {
             tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: the same person");
             for from in &resolved.merged {
                 self.sessions
-                    .repoint_user(from, &resolved.user_id, unionid.as_deref())
+                    .repoint_user(
+                        from,
+                        &resolved.user_id,
+                        UserChange {
+                            unionid: unionid.as_deref(),
+                            phone: None,
+                        },
+                    )
                     .await
                     .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
             }
@@ -158,16 +166,14 @@ impl AuthService {
             .push_session_key(appid, &exchanged.openid, exchanged.session_key.clone(), now)
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-        let profile = opened.as_ref().map(open_data::profile);
-        self.start_session(
-            app,
-            resolved.user_id,
-            exchanged.openid,
+        let new = NewSession {
+            user_id: resolved.user_id,
+            openid: exchanged.openid,
             unionid,
-            profile,
-            now,
-        )
-        .await
+            phone: resolved.phone,
+            profile: opened.as_ref().map(open_data::profile),
+        };
+        self.start_session(app, new, now).await
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod login;
 pub mod open_data;
+pub mod phone;
 pub mod service;
 
 use std::future::Future;
@@ -21,6 +22,8 @@ pub struct Identity {
     pub appid: String,
     pub openid: String,
     pub unionid: Option<String>,
+    /// Verified with `/auth/phone`; sent upstream only when `[headers] phone` is configured.
+    pub phone: Option<String>,
 }
 
 /// The future an [`Authenticator`] returns.

@@ -14,7 +14,7 @@ use crate::body::{self, Body};
 use crate::config::Secret;
 use crate::error::Error;
 use crate::identity::{IdentityError, LoginIds};
-use crate::session::Session;
+use crate::session::{Session, UserChange};
 use crate::wechat::crypto::{self, CryptoError, WatermarkError};
 
 /// The fields `wx.getUserInfo` (and the legacy phone button) hand the client.
@@ -177,7 +177,14 @@ impl AuthService {
         moved.extend(resolved.merged.iter().map(String::as_str));
         for from in moved {
             self.sessions
-                .repoint_user(from, &resolved.user_id, Some(unionid))
+                .repoint_user(
+                    from,
+                    &resolved.user_id,
+                    UserChange {
+                        unionid: Some(unionid),
+                        phone: None,
+                    },
+                )
                 .await
                 .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         }

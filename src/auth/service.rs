@@ -7,6 +7,7 @@
 //! | `POST /refresh` | `{"refresh_token"}` | a new pair; the old refresh token is dead |
 //! | `POST /logout` | bearer | 204; the session and its access tokens stop working at once |
 //! | `GET /session` | bearer | the session's user and WeChat ids |
+//! | `POST /phone` | bearer + `{"code"}` or `{"encryptedData", "iv"}` | the verified phone number ([`phone`](super::phone)) |
 //! | `POST /userinfo` | bearer + `{"encryptedData", "iv", "rawData"?, "signature"?}` | user id, unionid, profile ([`open_data`](super::open_data)) |
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use serde_json::json;
 
 use super::login::CodeExchanges;
 use super::open_data::OpenData;
+use super::phone::{PHONE_EXPECTED, PhoneRequest};
 use super::{AuthFuture, Authenticator, Identity, bearer_token};
 use crate::body::{self, Body};
 use crate::config::{AppConfig, AppKind, Config, SessionStoreConfig};
@@ -31,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::session::memory::MemoryStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
 use crate::session::{Rotation, Session, SessionStore};
+use crate::wechat::access_token::{AccessTokens, LocalAccessTokens};
 use crate::wechat::client::WechatClient;
 
 /// Largest body accepted by wxgate's own endpoints; the biggest legitimate one is a login carrying
@@ -59,12 +62,23 @@ pub struct AuthService {
     pub(super) exchanges: CodeExchanges,
     pub(super) watermark_max_age: u64,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) access_tokens: Arc<dyn AccessTokens>,
 }
 
 /// A configured app, with its name shared by every session of it.
 pub(super) struct App {
     pub name: Arc<str>,
     pub config: AppConfig,
+}
+
+/// What a login knows about the user it starts a session for.
+pub(super) struct NewSession {
+    pub user_id: String,
+    pub openid: String,
+    pub unionid: Option<String>,
+    pub phone: Option<String>,
+    /// Decrypted user info sent with the login, returned to the client.
+    pub profile: Option<serde_json::Value>,
 }
 
 /// Unix seconds now.
@@ -98,6 +112,7 @@ impl AuthService {
                 ));
             }
         };
+        let wechat = WechatClient::new(&config.wechat)?;
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -107,7 +122,8 @@ impl AuthService {
                     config: a.clone(),
                 })
                 .collect(),
-            wechat: WechatClient::new(&config.wechat)?,
+            wechat: wechat.clone(),
+            access_tokens: Arc::new(LocalAccessTokens::new(wechat)),
             identities: Identities::open(&config.identity).await?,
             sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
@@ -142,7 +158,11 @@ impl AuthService {
                 let data: OpenData = read_json(body, USERINFO_EXPECTED).await?;
                 self.userinfo(headers, data, now).await
             }
-            ("/login" | "/refresh" | "/logout" | "/userinfo", _) => {
+            ("/phone", Method::POST) => {
+                let request: PhoneRequest = read_json(body, PHONE_EXPECTED).await?;
+                self.phone(headers, request, now).await
+            }
+            ("/login" | "/refresh" | "/logout" | "/userinfo" | "/phone", _) => {
                 Err(Error::MethodNotAllowed("POST"))
             }
             ("/session", _) => Err(Error::MethodNotAllowed("GET, HEAD")),
@@ -173,27 +193,25 @@ impl AuthService {
     pub(super) async fn start_session(
         &self,
         app: &App,
-        user_id: String,
-        openid: String,
-        unionid: Option<String>,
-        profile: Option<serde_json::Value>,
+        new: NewSession,
         now: u64,
     ) -> Result<Response<Body>, Error> {
         let sid = crate::session::SessionId::random();
         let (refresh_token, refresh) = new_refresh_token(sid);
         let session = Session {
             sid,
-            user_id,
+            user_id: new.user_id,
             app: app.name.clone(),
             appid: app.config.appid.clone(),
-            openid,
-            unionid,
+            openid: new.openid,
+            unionid: new.unionid,
+            phone: new.phone,
             created_at: now,
             expires_at: now + self.refresh_ttl,
             refresh,
             used_refresh: Vec::new(),
         };
-        let response = self.token_response(&session, refresh_token, profile, now);
+        let response = self.token_response(&session, refresh_token, new.profile, now);
         self.sessions
             .insert(session)
             .await
@@ -319,6 +337,7 @@ impl Authenticator for AuthService {
                 appid: session.appid.clone(),
                 openid: session.openid.clone(),
                 unionid: session.unionid.clone(),
+                phone: session.phone.clone(),
             }))
         })
     }

@@ -27,6 +27,8 @@ pub struct Resolved {
     pub created: bool,
     /// Users merged into `user_id` by this login (rule 4): they were the same person all along.
     pub merged: Vec<String>,
+    /// The user's verified phone number, if one was recorded.
+    pub phone: Option<String>,
 }
 
 /// How an operator names a user.
@@ -153,6 +155,7 @@ impl Identities {
             user_id: user_id.to_owned(),
             created: false,
             merged: Vec::new(),
+            phone: None,
         };
         match (self.mode, &self.store) {
             (UserIdMode::Internal, Some(store)) => Ok(store.resolve(ids).await?),

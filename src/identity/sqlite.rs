@@ -171,19 +171,31 @@ impl IdentityStore for SqliteStore {
     async fn resolve(&self, ids: LoginIds<'_>) -> Result<Resolved, StoreError> {
         // Most logins are returning users whose links are all in place: answer them with one read and
         // no write lock.
-        let (by_openid, by_unionid): (Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT (SELECT user_id FROM app_openids WHERE appid = ? AND openid = ?), \
-                    (SELECT user_id FROM unionids WHERE unionid = ?)",
-        )
-        .bind(ids.appid)
-        .bind(ids.openid)
-        .bind(ids.unionid)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(store_error)?;
+        let (by_openid, by_unionid, phone): (Option<String>, Option<String>, Option<String>) =
+            sqlx::query_as(
+                "SELECT o.user_id, (SELECT user_id FROM unionids WHERE unionid = ?), u.phone \
+             FROM (SELECT 1) LEFT JOIN app_openids o ON o.appid = ? AND o.openid = ? \
+             LEFT JOIN users u ON u.user_id = o.user_id",
+            )
+            .bind(ids.unionid)
+            .bind(ids.appid)
+            .bind(ids.openid)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?;
         match (ids.unionid, by_openid, by_unionid) {
-            (None, Some(user), _) => return Ok(existing(user)),
-            (Some(_), Some(user), Some(same)) if user == same => return Ok(existing(user)),
+            (None, Some(user), _) => {
+                return Ok(Resolved {
+                    phone,
+                    ..existing(user)
+                });
+            }
+            (Some(_), Some(user), Some(same)) if user == same => {
+                return Ok(Resolved {
+                    phone,
+                    ..existing(user)
+                });
+            }
             _ => {}
         }
         let now = unix_now();
@@ -213,6 +225,7 @@ impl IdentityStore for SqliteStore {
                     user_id: user,
                     created: false,
                     merged: vec![holder],
+                    phone: None,
                 }
             }
             (Some(_), Some(user), None) => {
@@ -265,8 +278,13 @@ impl IdentityStore for SqliteStore {
                 created(user)
             }
         };
+        let phone: Option<String> = sqlx::query_scalar("SELECT phone FROM users WHERE user_id = ?")
+            .bind(&resolved.user_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
-        Ok(resolved)
+        Ok(Resolved { phone, ..resolved })
     }
 
     async fn user(&self, key: UserKey<'_>) -> Result<Option<UserRecord>, StoreError> {
@@ -386,14 +404,14 @@ fn existing(user_id: String) -> Resolved {
         user_id,
         created: false,
         merged: Vec::new(),
+        phone: None,
     }
 }
 
 fn created(user_id: String) -> Resolved {
     Resolved {
-        user_id,
         created: true,
-        merged: Vec::new(),
+        ..existing(user_id)
     }
 }
 

@@ -59,6 +59,9 @@ pub struct HeaderRules {
     appid: HeaderName,
     openid: HeaderName,
     unionid: HeaderName,
+    phone: Option<HeaderName>,
+    /// Every header name wxgate writes with identity: client values for them never pass.
+    identity_names: Vec<HeaderName>,
     allow_underscores: bool,
     trusted_proxies: Vec<IpNet>,
 }
@@ -73,18 +76,42 @@ pub struct ClientInfo {
 
 impl HeaderRules {
     pub fn from_config(config: &Config) -> Self {
-        HeaderRules {
-            user_id: config.headers.user_id.clone(),
-            appid: config.headers.appid.clone(),
-            openid: config.headers.openid.clone(),
-            unionid: config.headers.unionid.clone(),
-            allow_underscores: config.headers.allow_underscores,
-            trusted_proxies: config.server.trusted_proxies.clone(),
-        }
+        let h = &config.headers;
+        Self::new(
+            [
+                h.user_id.clone(),
+                h.appid.clone(),
+                h.openid.clone(),
+                h.unionid.clone(),
+            ],
+            h.phone.clone(),
+            h.allow_underscores,
+            config.server.trusted_proxies.clone(),
+        )
     }
 
-    fn identity_names(&self) -> [&HeaderName; 4] {
-        [&self.user_id, &self.appid, &self.openid, &self.unionid]
+    fn new(
+        names: [HeaderName; 4],
+        phone: Option<HeaderName>,
+        allow_underscores: bool,
+        trusted_proxies: Vec<IpNet>,
+    ) -> Self {
+        let [user_id, appid, openid, unionid] = names;
+        let identity_names = [&user_id, &appid, &openid, &unionid]
+            .into_iter()
+            .chain(phone.as_ref())
+            .cloned()
+            .collect();
+        HeaderRules {
+            user_id,
+            appid,
+            openid,
+            unionid,
+            phone,
+            identity_names,
+            allow_underscores,
+            trusted_proxies,
+        }
     }
 
     /// Whether the client at `peer` is a proxy whose forwarding headers are believed.
@@ -127,7 +154,7 @@ impl HeaderRules {
                     return true;
                 }
                 if self
-                    .identity_names()
+                    .identity_names
                     .iter()
                     .any(|id| same_header(name, id.as_str()))
                 {
@@ -182,6 +209,9 @@ impl HeaderRules {
         if let Some(unionid) = &identity.unionid {
             headers.insert(self.unionid.clone(), value(unionid)?);
         }
+        if let (Some(name), Some(phone)) = (&self.phone, &identity.phone) {
+            headers.insert(name.clone(), value(phone)?);
+        }
         Ok(())
     }
 }
@@ -226,14 +256,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn rules(trusted: &[&str], allow_underscores: bool) -> HeaderRules {
-        HeaderRules {
-            user_id: HeaderName::from_static("x-user-id"),
-            appid: HeaderName::from_static("x-wechat-appid"),
-            openid: HeaderName::from_static("x-wechat-openid"),
-            unionid: HeaderName::from_static("x-wechat-unionid"),
+        HeaderRules::new(
+            [
+                HeaderName::from_static("x-user-id"),
+                HeaderName::from_static("x-wechat-appid"),
+                HeaderName::from_static("x-wechat-openid"),
+                HeaderName::from_static("x-wechat-unionid"),
+            ],
+            None,
             allow_underscores,
-            trusted_proxies: trusted.iter().map(|t| t.parse().unwrap()).collect(),
-        }
+            trusted.iter().map(|t| t.parse().unwrap()).collect(),
+        )
     }
 
     fn client(peer: &str) -> ClientInfo {
@@ -249,6 +282,7 @@ mod tests {
             appid: "wx0123456789abcdef".into(),
             openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
             unionid: None,
+            phone: None,
         }
     }
 

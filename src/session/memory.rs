@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 
 use super::{
     REMEMBERED_REFRESH_TOKENS, RefreshHash, Rotation, SESSION_KEY_HISTORY, Session, SessionId,
-    SessionStore, StoreError,
+    SessionStore, StoreError, UserChange,
 };
 use crate::config::Secret;
 
@@ -104,7 +104,7 @@ impl SessionStore for MemoryStore {
         &self,
         from: &str,
         into: &str,
-        unionid: Option<&str>,
+        change: UserChange<'_>,
     ) -> Result<u64, StoreError> {
         // Merges are rare; a scan is simpler than keeping a user -> sessions index on every login.
         let affected: Vec<SessionId> = self
@@ -121,8 +121,11 @@ impl SessionStore for MemoryStore {
                     Some(entry) if entry.value().user_id == from => {
                         let mut session = Session::clone(entry.value());
                         session.user_id = into.to_owned();
-                        if let Some(unionid) = unionid {
+                        if let Some(unionid) = change.unionid {
                             session.unionid = Some(unionid.to_owned());
+                        }
+                        if let Some(phone) = change.phone {
+                            session.phone = Some(phone.to_owned());
                         }
                         changed += 1;
                         Op::Put(Arc::new(session))
@@ -189,6 +192,7 @@ mod tests {
             appid: "wx0123456789abcdef".into(),
             openid: "o".into(),
             unionid: None,
+            phone: None,
             created_at: 0,
             expires_at,
             refresh,

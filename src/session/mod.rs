@@ -29,6 +29,8 @@ pub struct Session {
     pub appid: String,
     pub openid: String,
     pub unionid: Option<String>,
+    /// Verified with `/auth/phone` (or known from the store at login).
+    pub phone: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds; moved forward by every refresh.
@@ -47,6 +49,13 @@ impl std::fmt::Debug for Session {
             .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
     }
+}
+
+/// What to record on the sessions of a user besides its id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UserChange<'a> {
+    pub unionid: Option<&'a str>,
+    pub phone: Option<&'a str>,
 }
 
 /// What presenting a refresh token did.
@@ -84,14 +93,14 @@ pub trait SessionStore: Send + Sync + 'static {
         expires_at: u64,
     ) -> Result<Rotation, StoreError>;
 
-    /// Points every session of user `from` at user `into` and, when given, records its unionid: after
-    /// a merge (or a unionid learned later) the next request of those sessions carries the survivor.
-    /// Returns how many sessions changed.
+    /// Points every session of user `from` at user `into` and records what `change` says: after a
+    /// merge, a unionid learned later or a phone verified, the next request of those sessions carries
+    /// it. Returns how many sessions changed.
     async fn repoint_user(
         &self,
         from: &str,
         into: &str,
-        unionid: Option<&str>,
+        change: UserChange<'_>,
     ) -> Result<u64, StoreError>;
 
     /// Removes the session; `true` if it existed.

@@ -33,6 +33,29 @@ impl std::fmt::Debug for CodeSession {
     }
 }
 
+/// A phone number as WeChat returns it (legacy decrypted data has the same fields).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PhoneInfo {
+    /// With the country code for numbers outside mainland China.
+    pub phone_number: String,
+    pub pure_phone_number: String,
+    /// A string or a number, depending on the day.
+    #[serde(deserialize_with = "string_or_number")]
+    pub country_code: String,
+    pub watermark: Option<Value>,
+}
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(serde::de::Error::custom(
+            "countryCode is neither a string nor a number",
+        )),
+    }
+}
+
 /// Why a WeChat call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WechatError {
@@ -110,6 +133,69 @@ impl WechatClient {
             session_key: Secret::new(reply.session_key),
             unionid: reply.unionid.filter(|u| !u.is_empty()),
         })
+    }
+
+    /// `POST /cgi-bin/stable_token` (normal mode): the app's access_token and its lifetime in seconds.
+    /// Repeated calls return the same token while it is valid, so servers sharing an app do not
+    /// invalidate each other's tokens (as `cgi-bin/token` would).
+    pub async fn stable_token(
+        &self,
+        appid: &str,
+        secret: &Secret,
+    ) -> Result<(Secret, u64), WechatError> {
+        #[derive(Deserialize)]
+        struct Reply {
+            access_token: String,
+            expires_in: u64,
+        }
+        let url = format!("{}/cgi-bin/stable_token", self.base);
+        let body = serde_json::json!({
+            "grant_type": "client_credential",
+            "appid": appid,
+            "secret": secret.expose(),
+            "force_refresh": false,
+        });
+        let reply: Reply = serde_json::from_value(self.post(&url, &body).await?).map_err(|_| {
+            WechatError::Unavailable("stable_token reply lacks access_token or expires_in".into())
+        })?;
+        Ok((Secret::new(reply.access_token), reply.expires_in))
+    }
+
+    /// `POST /wxa/business/getuserphonenumber`: the phone number behind a phone-button code, bound to
+    /// the user's openid.
+    pub async fn user_phone_number(
+        &self,
+        access_token: &Secret,
+        code: &str,
+        openid: &str,
+    ) -> Result<PhoneInfo, WechatError> {
+        #[derive(Deserialize)]
+        struct Reply {
+            phone_info: PhoneInfo,
+        }
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("access_token", access_token.expose())
+            .finish();
+        let url = format!("{}/wxa/business/getuserphonenumber?{query}", self.base);
+        let body = serde_json::json!({ "code": code, "openid": openid });
+        let reply: Reply = serde_json::from_value(self.post(&url, &body).await?).map_err(|_| {
+            WechatError::Unavailable("getuserphonenumber reply lacks phone_info".into())
+        })?;
+        Ok(reply.phone_info)
+    }
+
+    async fn post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
+        let response = self
+            .http
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        parse_reply(status.as_u16(), &bytes)
     }
 
     /// Sends a GET and returns the JSON body of a successful (errcode absent or 0) reply.
@@ -221,6 +307,23 @@ mod tests {
         assert_eq!(
             code(br#"{"errcode":99999,"errmsg":"something new"}"#),
             99999
+        );
+    }
+
+    #[test]
+    fn country_code_may_be_a_string_or_a_number() {
+        for body in [
+            r#"{"phoneNumber":"13580006666","purePhoneNumber":"13580006666","countryCode":"86"}"#,
+            r#"{"phoneNumber":"13580006666","purePhoneNumber":"13580006666","countryCode":86}"#,
+        ] {
+            let info: PhoneInfo = serde_json::from_str(body).unwrap();
+            assert_eq!(info.country_code, "86");
+        }
+        assert!(
+            serde_json::from_str::<PhoneInfo>(
+                r#"{"phoneNumber":"1","purePhoneNumber":"1","countryCode":[]}"#
+            )
+            .is_err()
         );
     }
 

@@ -7,10 +7,15 @@
 //! bound to an Open Platform account; business errors are HTTP 200 with `errcode` and an `errmsg` that
 //! ends in a changing `rid`; `sns/*` is served as `text/plain`; at most 100 logins per user per minute.
 //!
+//! Also `cgi-bin/stable_token` (the same token while valid, rotated 5 minutes before expiry with both
+//! valid meanwhile), `wxa/business/getuserphonenumber` (single-use phone codes, bound to the openid),
+//! `wxa/checksession` and `wxa/resetusersessionkey`; `cgi-bin`/`wxa` replies come as
+//! `application/json; encoding=utf-8`.
+//!
 //! Control, from Rust ([`MockWechat`]'s methods) or over HTTP under `/__mock/` (for tests in other
-//! languages): register apps, play `wx.login()` for a user (mint a code), read a user's current
-//! session_key, inject a fault or a delay for the next N calls of an endpoint, count calls, move the
-//! clock forward.
+//! languages): register apps, play `wx.login()` for a user (mint a code), `wx.getUserInfo()` and the
+//! phone button, read a user's current session_key, revoke an app's access_token, inject a fault or a
+//! delay for the next N calls of an endpoint, count calls, move the clock forward.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +42,16 @@ pub const LOGINS_PER_USER_PER_MINUTE: usize = 100;
 
 /// The path of the login endpoint, as faults and call counts name it.
 pub const JSCODE2SESSION: &str = "/sns/jscode2session";
+/// The app access_token endpoint (normal mode: the same token while it is valid).
+pub const STABLE_TOKEN: &str = "/cgi-bin/stable_token";
+/// The phone-number endpoint.
+pub const PHONE_NUMBER: &str = "/wxa/business/getuserphonenumber";
+pub const CHECK_SESSION: &str = "/wxa/checksession";
+pub const RESET_SESSION_KEY: &str = "/wxa/resetusersessionkey";
+/// How long an access_token lives.
+pub const ACCESS_TOKEN_TTL: Duration = Duration::from_secs(7200);
+/// stable_token rotates this close to expiry, and the old token stays valid this long after.
+pub const TOKEN_OVERLAP: Duration = Duration::from_secs(5 * 60);
 
 /// Something to do instead of (or before) answering normally.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,8 +86,27 @@ struct IssuedCode {
     session_key: String,
 }
 
+#[derive(Debug)]
+struct AppToken {
+    current: String,
+    expires_at: Instant,
+    /// The token before a rotation, valid until the given time.
+    previous: Option<(String, Instant)>,
+}
+
+#[derive(Debug)]
+struct PhoneCode {
+    appid: String,
+    user: String,
+    phone: String,
+    issued_at: Instant,
+    used: bool,
+}
+
 #[derive(Default)]
 struct State {
+    tokens: HashMap<String, AppToken>,
+    phone_codes: HashMap<String, PhoneCode>,
     apps: HashMap<String, App>,
     codes: HashMap<String, IssuedCode>,
     /// (appid, openid) -> the one valid session_key, as the server learned it by exchanging a code.
@@ -119,6 +153,28 @@ impl State {
         );
     }
 
+    /// The appid an access_token belongs to, while it is valid.
+    fn app_of_token(&self, token: &str) -> Option<String> {
+        let now = self.now();
+        self.tokens.iter().find_map(|(appid, t)| {
+            let current = t.current == token && now < t.expires_at;
+            let previous = t
+                .previous
+                .as_ref()
+                .is_some_and(|(p, until)| p == token && now < *until);
+            (current || previous).then(|| appid.clone())
+        })
+    }
+
+    /// Encrypts `plain` with the session_key `user`'s client holds in `appid`.
+    fn seal_for_client(&self, appid: &str, user: &str, plain: &Value) -> Option<(String, String)> {
+        let key = self.client_keys.get(&(appid.to_owned(), user.to_owned()))?;
+        let iv: [u8; 16] = random_bytes();
+        let encrypted =
+            crate::wechat::crypto::encrypt(key, &iv, plain.to_string().as_bytes()).ok()?;
+        Some((encrypted, STANDARD.encode(iv)))
+    }
+
     /// Unix seconds on the mock's clock.
     fn unix_now(&self) -> u64 {
         std::time::SystemTime::now()
@@ -147,14 +203,38 @@ impl State {
         full["openId"] = json!(openid);
         full["unionId"] = json!(unionid_of(user));
         full["watermark"] = json!({ "timestamp": self.unix_now(), "appid": appid });
-        let iv: [u8; 16] = random_bytes();
-        let encrypted_data =
-            crate::wechat::crypto::encrypt(key, &iv, full.to_string().as_bytes()).ok()?;
+        let (encrypted_data, iv) = self.seal_for_client(appid, user, &full)?;
         Some(UserInfo {
             encrypted_data,
-            iv: STANDARD.encode(iv),
+            iv,
             signature: crate::wechat::crypto::raw_data_signature(&raw_data, key),
             raw_data,
+        })
+    }
+
+    /// A phone-button code (64 hex digits, single use, 5 minutes) for `user`'s number `phone`.
+    fn mint_phone_code(&mut self, appid: &str, user: &str, phone: &str) -> String {
+        let code = hex::encode(random_bytes::<32>());
+        let issued_at = self.now();
+        self.phone_codes.insert(
+            code.clone(),
+            PhoneCode {
+                appid: appid.to_owned(),
+                user: user.to_owned(),
+                phone: phone.to_owned(),
+                issued_at,
+                used: false,
+            },
+        );
+        code
+    }
+
+    fn phone_info(&self, appid: &str, phone: &str) -> Value {
+        json!({
+            "phoneNumber": phone,
+            "purePhoneNumber": phone,
+            "countryCode": "86",
+            "watermark": { "timestamp": self.unix_now(), "appid": appid },
         })
     }
 
@@ -298,6 +378,34 @@ impl MockWechat {
         self.state().user_info(appid, user)
     }
 
+    /// Plays the phone button for `user` with number `phone`: a code for getuserphonenumber.
+    pub fn phone_code(&self, appid: &str, user: &str, phone: &str) -> String {
+        self.state().mint_phone_code(appid, user, phone)
+    }
+
+    /// Plays the legacy phone button: `(encryptedData, iv)` sealed with the client's session_key.
+    pub fn legacy_phone_data(
+        &self,
+        appid: &str,
+        user: &str,
+        phone: &str,
+    ) -> Option<(String, String)> {
+        let state = self.state();
+        state.seal_for_client(appid, user, &state.phone_info(appid, phone))
+    }
+
+    /// Kills every access_token of `appid`, as another server calling `cgi-bin/token` would.
+    pub fn revoke_access_token(&self, appid: &str) {
+        self.state().tokens.remove(appid);
+    }
+
+    /// The access_token `stable_token` would hand out now for `appid`, if one is live.
+    pub fn current_access_token(&self, appid: &str) -> Option<String> {
+        let state = self.state();
+        let token = state.tokens.get(appid)?;
+        (state.now() < token.expires_at).then(|| token.current.clone())
+    }
+
     /// Makes the next `times` calls of `endpoint` (e.g. [`JSCODE2SESSION`]) suffer `fault`.
     pub fn fail_next(&self, endpoint: &str, fault: Fault, times: usize) {
         self.state().add_fault(endpoint, fault, times);
@@ -325,6 +433,12 @@ async fn handle(request: Request<Incoming>, state: &Mutex<State>) -> Response<Bo
     if path.starts_with("/__mock/") {
         return control(request, state).await;
     }
+    let (parts, incoming) = request.into_parts();
+    let body: Value = match incoming.collect().await {
+        Ok(collected) => serde_json::from_slice(&collected.to_bytes()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let request = Request::from_parts(parts, ());
     let query: HashMap<String, String> = request
         .uri()
         .query()
@@ -344,6 +458,22 @@ async fn handle(request: Request<Incoming>, state: &Mutex<State>) -> Response<Bo
         (&Method::GET, JSCODE2SESSION) => {
             let reply = jscode2session(&query, &mut state.lock().expect("not poisoned"));
             sns_reply(reply)
+        }
+        (&Method::POST, STABLE_TOKEN) => cgi_reply(stable_token(
+            &body,
+            &mut state.lock().expect("not poisoned"),
+        )),
+        (&Method::POST, PHONE_NUMBER) => {
+            let reply = phone_number(&query, &body, &mut state.lock().expect("not poisoned"));
+            cgi_reply(reply)
+        }
+        (&Method::GET, CHECK_SESSION | RESET_SESSION_KEY) => {
+            let reset = path == RESET_SESSION_KEY;
+            cgi_reply(check_session(
+                &query,
+                reset,
+                &mut state.lock().expect("not poisoned"),
+            ))
         }
         _ => {
             let mut response = Response::new(body::full("<html><body>404 Not Found</body></html>"));
@@ -418,6 +548,134 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         reply["unionid"] = Value::String(unionid_of(&user));
     }
     reply
+}
+
+fn stable_token(body: &Value, state: &mut State) -> Value {
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    if field("grant_type") != Some("client_credential") {
+        return errcode(40002, "invalid grant_type");
+    }
+    let Some(appid) = field("appid") else {
+        return errcode(41002, "appid missing");
+    };
+    let Some(secret) = field("secret") else {
+        return errcode(41004, "appsecret missing");
+    };
+    if body.get("force_refresh").is_some_and(|f| !f.is_boolean()) {
+        return errcode(40097, "invalid args: force_refresh must be a JSON boolean");
+    }
+    let Some(app) = state.apps.get(appid) else {
+        return errcode(40013, "invalid appid");
+    };
+    if app.secret != secret {
+        return errcode(40125, "invalid appsecret");
+    }
+    let now = state.now();
+    let force = body
+        .get("force_refresh")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let fresh = state
+        .tokens
+        .get(appid)
+        .is_some_and(|t| now + TOKEN_OVERLAP < t.expires_at);
+    if force || !fresh {
+        // Rotation: the old token stays valid for the overlap (or until it expires, if sooner).
+        let previous = state.tokens.get(appid).and_then(|t| {
+            let until = t.expires_at.min(now + TOKEN_OVERLAP);
+            (now < until).then(|| (t.current.clone(), until))
+        });
+        let token = format!("MOCK_AT_{}", hex::encode(random_bytes::<24>()));
+        state.tokens.insert(
+            appid.to_owned(),
+            AppToken {
+                current: token,
+                expires_at: now + ACCESS_TOKEN_TTL,
+                previous,
+            },
+        );
+    }
+    let token = &state.tokens[appid];
+    json!({
+        "access_token": token.current,
+        "expires_in": token.expires_at.saturating_duration_since(now).as_secs(),
+    })
+}
+
+fn phone_number(query: &HashMap<String, String>, body: &Value, state: &mut State) -> Value {
+    let Some(appid) = query
+        .get("access_token")
+        .and_then(|t| state.app_of_token(t))
+    else {
+        return errcode(
+            40001,
+            "invalid credential, access_token is invalid or not latest",
+        );
+    };
+    let Some(code) = body.get("code").and_then(Value::as_str) else {
+        return errcode(40097, "invalid args: code missing");
+    };
+    let now = state.now();
+    let Some(issued) = state.phone_codes.get_mut(code) else {
+        return errcode(40029, "invalid code");
+    };
+    let bound_openid = body.get("openid").and_then(Value::as_str);
+    if issued.appid != appid
+        || issued.used
+        || now.duration_since(issued.issued_at) > CODE_TTL
+        || bound_openid.is_some_and(|o| o != openid_of(&appid, &issued.user))
+    {
+        return errcode(40029, "invalid code");
+    }
+    issued.used = true;
+    let phone = issued.phone.clone();
+    json!({ "errcode": 0, "errmsg": "ok", "phone_info": state.phone_info(&appid, &phone) })
+}
+
+fn check_session(query: &HashMap<String, String>, reset: bool, state: &mut State) -> Value {
+    let Some(appid) = query
+        .get("access_token")
+        .and_then(|t| state.app_of_token(t))
+    else {
+        return errcode(
+            40001,
+            "invalid credential, access_token is invalid or not latest",
+        );
+    };
+    let (Some(openid), Some(signature)) = (query.get("openid"), query.get("signature")) else {
+        return errcode(40097, "invalid args");
+    };
+    if query.get("sig_method").map(String::as_str) != Some("hmac_sha256") {
+        return errcode(87010, "invalid sig_method");
+    }
+    let key = (appid, openid.clone());
+    let valid = state
+        .session_keys
+        .get(&key)
+        .is_some_and(|k| crate::wechat::crypto::session_hmac(k, b"") == *signature);
+    if !valid {
+        return errcode(87009, "invalid signature");
+    }
+    if !reset {
+        return json!({ "errcode": 0, "errmsg": "ok" });
+    }
+    let fresh = new_session_key();
+    state.session_keys.insert(key, fresh.clone());
+    json!({ "errcode": 0, "errmsg": "ok", "openid": openid, "session_key": fresh })
+}
+
+/// `cgi-bin/*` and `wxa/*` replies: HTTP 200, with WeChat's odd JSON content type.
+fn cgi_reply(value: Value) -> Response<Body> {
+    let mut response = Response::new(body::full(value.to_string()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; encoding=utf-8"),
+    );
+    response
 }
 
 /// `sns/*` replies: HTTP 200, JSON served as text/plain (as WeChat does).
@@ -505,6 +763,20 @@ fn one() -> usize {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PhoneRequest {
+    appid: String,
+    user: String,
+    phone: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppidRequest {
+    appid: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AdvanceRequest {
     seconds: u64,
 }
@@ -559,6 +831,38 @@ async fn control(request: Request<Incoming>, state: &Mutex<State>) -> Response<B
                     Some(info) => body::json(StatusCode::OK, &json!(info)),
                     None => control_error("that user has not logged in to that app yet"),
                 },
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
+        (Method::POST, "/__mock/phone_code") => {
+            match serde_json::from_slice::<PhoneRequest>(&bytes) {
+                Ok(r) => {
+                    let code = handle.with(|s| s.mint_phone_code(&r.appid, &r.user, &r.phone));
+                    body::json(StatusCode::OK, &json!({ "code": code }))
+                }
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
+        (Method::POST, "/__mock/phone_data") => {
+            match serde_json::from_slice::<PhoneRequest>(&bytes) {
+                Ok(r) => match handle.with(|s| {
+                    s.seal_for_client(&r.appid, &r.user, &s.phone_info(&r.appid, &r.phone))
+                }) {
+                    Some((encrypted, iv)) => body::json(
+                        StatusCode::OK,
+                        &json!({ "encryptedData": encrypted, "iv": iv }),
+                    ),
+                    None => control_error("that user has not called wx.login() in that app yet"),
+                },
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
+        (Method::POST, "/__mock/revoke_token") => {
+            match serde_json::from_slice::<AppidRequest>(&bytes) {
+                Ok(r) => {
+                    handle.with(|s| s.tokens.remove(&r.appid));
+                    body::json(StatusCode::OK, &json!({}))
+                }
                 Err(e) => control_error(&e.to_string()),
             }
         }

@@ -62,6 +62,7 @@ impl Authenticator for TestAuthenticator {
                 appid: APPID.into(),
                 openid: OPENID.into(),
                 unionid: Some(UNIONID.into()),
+                phone: None,
             })),
             Some("expired") => Err(Error::TokenExpired),
             Some("outage") => Err(Error::AuthUnavailable("session store down".into())),
