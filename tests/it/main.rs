@@ -6,6 +6,7 @@ mod lifecycle;
 mod login;
 mod mock_wechat;
 mod open_data;
+mod phone;
 mod routing;
 mod secrets;
 mod support;

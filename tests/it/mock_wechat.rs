@@ -269,3 +269,155 @@ async fn the_http_control_api_does_what_the_rust_one_does() {
         400
     );
 }
+
+async fn post(wechat: &MockWechat, path: &str, body: Value) -> Reply {
+    Http::h1()
+        .send(
+            http::Method::POST,
+            &format!("{}{path}", wechat.url()),
+            &[],
+            bytes_body(body.to_string()),
+        )
+        .await
+}
+
+fn stable(appid: &str, secret: &str, force: Value) -> Value {
+    json!({ "grant_type": "client_credential", "appid": appid, "secret": secret, "force_refresh": force })
+}
+
+#[tokio::test]
+async fn stable_token_is_the_same_while_valid_and_rotates_with_an_overlap() {
+    let wechat = mock().await;
+    let first = post(
+        &wechat,
+        "/cgi-bin/stable_token",
+        stable(APP, SECRET, json!(false)),
+    )
+    .await;
+    assert_eq!(
+        first.headers["content-type"],
+        "application/json; encoding=utf-8"
+    );
+    let first = first.json();
+    assert_eq!(first["expires_in"], 7200);
+    let again = post(
+        &wechat,
+        "/cgi-bin/stable_token",
+        stable(APP, SECRET, json!(false)),
+    )
+    .await
+    .json();
+    assert_eq!(
+        again["access_token"], first["access_token"],
+        "no rotation while valid"
+    );
+    // Near expiry a new token is issued; the old one stays valid for the overlap.
+    wechat.advance(Duration::from_secs(7200 - 200));
+    let rotated = post(
+        &wechat,
+        "/cgi-bin/stable_token",
+        stable(APP, SECRET, json!(false)),
+    )
+    .await
+    .json();
+    assert_ne!(rotated["access_token"], first["access_token"]);
+    let phone_call = |token: &Value| {
+        let url = format!(
+            "{}/wxa/business/getuserphonenumber?access_token={}",
+            wechat.url(),
+            token.as_str().unwrap()
+        );
+        async move {
+            Http::h1()
+                .send(
+                    http::Method::POST,
+                    &url,
+                    &[],
+                    bytes_body("{\"code\":\"x\"}"),
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        errcode(&phone_call(&first["access_token"]).await),
+        40029,
+        "old token still accepted"
+    );
+    wechat.advance(Duration::from_secs(301));
+    assert_eq!(
+        errcode(&phone_call(&first["access_token"]).await),
+        40001,
+        "old token dead after the overlap"
+    );
+    assert_eq!(errcode(&phone_call(&rotated["access_token"]).await), 40029);
+    let forced = post(
+        &wechat,
+        "/cgi-bin/stable_token",
+        stable(APP, SECRET, json!(true)),
+    )
+    .await
+    .json();
+    assert_ne!(forced["access_token"], rotated["access_token"]);
+    assert_eq!(
+        errcode(
+            &post(
+                &wechat,
+                "/cgi-bin/stable_token",
+                stable(APP, "wrong", json!(false))
+            )
+            .await
+        ),
+        40125
+    );
+    assert_eq!(
+        errcode(
+            &post(
+                &wechat,
+                "/cgi-bin/stable_token",
+                stable(APP, SECRET, json!("false"))
+            )
+            .await
+        ),
+        40097
+    );
+}
+
+#[tokio::test]
+async fn checksession_and_resetusersessionkey_follow_the_session_key() {
+    let wechat = mock().await;
+    exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "wes")).await;
+    let token = post(
+        &wechat,
+        "/cgi-bin/stable_token",
+        stable(APP, SECRET, json!(false)),
+    )
+    .await
+    .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let openid = openid_of(APP, "wes");
+    let ask = |path: &str, key: &str| {
+        let signature = wxgate::wechat::crypto::session_hmac(key, b"");
+        let url = format!(
+            "{}{path}?access_token={token}&signature={signature}&openid={openid}&sig_method=hmac_sha256",
+            wechat.url()
+        );
+        async move { Http::h1().get(&url, &[]).await }
+    };
+    let key = wechat.session_key(APP, &openid).unwrap();
+    assert_eq!(errcode(&ask("/wxa/checksession", &key).await), 0);
+    assert_eq!(
+        errcode(&ask("/wxa/checksession", "AAAAAAAAAAAAAAAAAAAAAA==").await),
+        87009
+    );
+    let reset = ask("/wxa/resetusersessionkey", &key).await.json();
+    let fresh = reset["session_key"].as_str().unwrap();
+    assert_ne!(fresh, key);
+    assert_eq!(
+        errcode(&ask("/wxa/checksession", &key).await),
+        87009,
+        "the old key died"
+    );
+    assert_eq!(errcode(&ask("/wxa/checksession", fresh).await), 0);
+}
