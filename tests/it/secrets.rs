@@ -119,6 +119,30 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
             .unwrap(),
     );
     let access2 = login2["access_token"].as_str().unwrap().to_owned();
+    // Open data and a phone number: the access_token travels in a query string to WeChat.
+    let info = wechat.user_info(SHOP_APPID, "nina").unwrap();
+    let info_json = serde_json::to_value(&info).unwrap();
+    assert_eq!(
+        post("/auth/userinfo", info_json, Some(access2.clone()))
+            .await
+            .status,
+        200
+    );
+    secrets.push(info.encrypted_data.clone());
+    secrets.push(info.signature.clone());
+    let phone_code = wechat.phone_code(SHOP_APPID, "nina", "13580006666");
+    secrets.push(phone_code.clone());
+    assert_eq!(
+        post(
+            "/auth/phone",
+            json!({ "code": phone_code }),
+            Some(access2.clone())
+        )
+        .await
+        .status,
+        200
+    );
+    secrets.push(wechat.current_access_token(SHOP_APPID).unwrap());
     assert_eq!(
         post("/auth/logout", json!({}), Some(access2.clone()))
             .await
