@@ -104,9 +104,8 @@ impl AuthService {
             .await
             .map_err(|e| Error::IdentityUnavailable(Box::new(e)))?;
         self.sessions
-            .repoint_user(
-                &session.user_id,
-                &session.user_id,
+            .update_session(
+                &session.sid,
                 UserChange {
                     unionid: None,
                     phone: Some(&info.phone_number),

@@ -119,14 +119,8 @@ impl SessionStore for MemoryStore {
                 .entry(sid)
                 .and_compute_with(|entry| match entry {
                     Some(entry) if entry.value().user_id == from => {
-                        let mut session = Session::clone(entry.value());
+                        let mut session = change.apply(entry.value());
                         session.user_id = into.to_owned();
-                        if let Some(unionid) = change.unionid {
-                            session.unionid = Some(unionid.to_owned());
-                        }
-                        if let Some(phone) = change.phone {
-                            session.phone = Some(phone.to_owned());
-                        }
                         changed += 1;
                         Op::Put(Arc::new(session))
                     }
@@ -134,6 +128,24 @@ impl SessionStore for MemoryStore {
                 });
         }
         Ok(changed)
+    }
+
+    async fn update_session(
+        &self,
+        sid: &SessionId,
+        change: UserChange<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut found = false;
+        self.sessions
+            .entry(*sid)
+            .and_compute_with(|entry| match entry {
+                Some(entry) => {
+                    found = true;
+                    Op::Put(Arc::new(change.apply(entry.value())))
+                }
+                None => Op::Nop,
+            });
+        Ok(found)
     }
 
     async fn revoke(&self, sid: &SessionId) -> Result<bool, StoreError> {

@@ -58,6 +58,20 @@ pub struct UserChange<'a> {
     pub phone: Option<&'a str>,
 }
 
+impl UserChange<'_> {
+    /// `session` with this change recorded.
+    pub fn apply(&self, session: &Session) -> Session {
+        let mut changed = session.clone();
+        if let Some(unionid) = self.unionid {
+            changed.unionid = Some(unionid.to_owned());
+        }
+        if let Some(phone) = self.phone {
+            changed.phone = Some(phone.to_owned());
+        }
+        changed
+    }
+}
+
 /// What presenting a refresh token did.
 #[derive(Debug)]
 pub enum Rotation {
@@ -102,6 +116,14 @@ pub trait SessionStore: Send + Sync + 'static {
         into: &str,
         change: UserChange<'_>,
     ) -> Result<u64, StoreError>;
+
+    /// Records `change` on one session (cheap, unlike [`SessionStore::repoint_user`]); `false` if the
+    /// session is gone.
+    async fn update_session(
+        &self,
+        sid: &SessionId,
+        change: UserChange<'_>,
+    ) -> Result<bool, StoreError>;
 
     /// Removes the session; `true` if it existed.
     async fn revoke(&self, sid: &SessionId) -> Result<bool, StoreError>;
