@@ -48,7 +48,19 @@ pub struct Gateway {
 
 struct Labels {
     invalid: Arc<str>,
+    /// `auth` for unknown paths under the prefix; `auth_login`, `auth_refresh`, ... for the endpoints.
     auth: Arc<str>,
+    auth_endpoints: Vec<(&'static str, Arc<str>)>,
+}
+
+impl Labels {
+    /// The metrics label of a path under the auth prefix (bounded: unknown paths share one label).
+    fn auth(&self, rest: &str) -> Arc<str> {
+        self.auth_endpoints
+            .iter()
+            .find(|(path, _)| *path == rest)
+            .map_or_else(|| self.auth.clone(), |(_, label)| label.clone())
+    }
 }
 
 /// The service for one client connection, as hyper drives it.
@@ -73,6 +85,17 @@ impl Gateway {
             labels: Labels {
                 invalid: Arc::from("invalid_path"),
                 auth: Arc::from("auth"),
+                auth_endpoints: [
+                    ("/login", "auth_login"),
+                    ("/refresh", "auth_refresh"),
+                    ("/logout", "auth_logout"),
+                    ("/session", "auth_session"),
+                    ("/userinfo", "auth_userinfo"),
+                    ("/phone", "auth_phone"),
+                ]
+                .into_iter()
+                .map(|(path, label)| (path, Arc::from(label)))
+                .collect(),
             },
         }
     }
@@ -168,7 +191,7 @@ impl Gateway {
                 None => Err(Error::NotFound),
             };
             return Outcome {
-                route: self.labels.auth.clone(),
+                route: self.labels.auth(rest),
                 path: Some(path),
                 user_id: None,
                 result,

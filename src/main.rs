@@ -35,15 +35,27 @@ enum Command {
     Check,
     /// Run the mock WeChat API (for local development, SDK tests and benchmarks; never production).
     MockWechat(wxgate::wechat::mock::CliArgs),
+    /// Run the sample backend that echoes what it receives (for the SDK tests, demos and benchmarks).
+    SampleBackend(wxgate::sample_backend::CliArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::MockWechat(args)) = cli.command {
-        return match wxgate::wechat::mock::run_cli(args) {
+    let check = matches!(cli.command, Some(Command::Check));
+    let helper = match cli.command {
+        Some(Command::MockWechat(args)) => {
+            Some(("mock-wechat", wxgate::wechat::mock::run_cli(args)))
+        }
+        Some(Command::SampleBackend(args)) => {
+            Some(("sample-backend", wxgate::sample_backend::run_cli(args)))
+        }
+        _ => None,
+    };
+    if let Some((name, result)) = helper {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("wxgate mock-wechat: {e}");
+                eprintln!("wxgate {name}: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -55,7 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if matches!(cli.command, Some(Command::Check)) {
+    if check {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }

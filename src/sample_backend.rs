@@ -193,3 +193,24 @@ fn download(total: u64) -> Response<Body> {
 fn status(code: StatusCode, message: &str) -> Response<Body> {
     body::json(code, &json!({ "error": message }))
 }
+
+/// Arguments of `wxgate sample-backend`.
+#[derive(Debug, clap::Args)]
+pub struct CliArgs {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+}
+
+/// Runs the sample backend until SIGINT or SIGTERM.
+pub fn run_cli(args: CliArgs) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let backend =
+            SampleBackend::start(TcpListener::bind(args.listen).await?, Options::default())?;
+        println!("sample backend listening on {}", backend.url());
+        crate::server::until_signalled().await
+    })
+}

@@ -249,3 +249,14 @@ where
         }
     })
 }
+
+/// Completes on SIGINT or SIGTERM (for the helper processes: the mock WeChat, the sample backend).
+pub async fn until_signalled() -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -972,12 +972,6 @@ pub fn run_cli(args: CliArgs) -> std::io::Result<()> {
             mock.accept_any_code();
         }
         println!("mock WeChat listening on {}", mock.url());
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok(())
+        crate::server::until_signalled().await
     })
 }
