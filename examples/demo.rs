@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! cargo run --example demo            # play the script and exit
-//! cargo run --example demo -- --serve # then keep running, for your own curl requests
+//! cargo run --example demo -- --serve # then keep running on 127.0.0.1:8080, for curl or for the
+//!                                     # sample mini program in WeChat DevTools (any wx.login() code
+//!                                     # is accepted by the mock in this mode)
 //! ```
 
 use std::time::Duration;
@@ -47,8 +49,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let config = Config::parse("config.toml", &std::fs::read_to_string(path)?, &env)?;
+    // --serve listens where examples/miniprogram/api.js looks for it; the scripted run takes any port.
+    let main_addr = if serve {
+        "127.0.0.1:8080"
+    } else {
+        "127.0.0.1:0"
+    };
     let listeners = Listeners {
-        main: TcpListener::bind("127.0.0.1:0").await?,
+        main: TcpListener::bind(main_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {main_addr}: {e}"))?,
         admin: TcpListener::bind("127.0.0.1:0").await?,
     };
     let (gate, admin) = (listeners.main.local_addr()?, listeners.admin.local_addr()?);
@@ -199,6 +209,8 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     if serve {
+        // WeChat DevTools' wx.login() gives codes the mock never minted: accept them as fresh logins.
+        wechat.accept_any_code();
         println!("\nServing until Ctrl-C. Try: curl -i http://{gate}/api/public/hello");
         println!(
             "Mint a login code: curl -s -XPOST {}/__mock/login -d '{{\"appid\":\"{APPID}\",\"user\":\"me\"}}'",
