@@ -16,8 +16,7 @@ use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
 use crate::body::Body;
 use crate::config::Secret;
 use crate::error::Error;
-use crate::identity::{IdentityError, LoginIds};
-use crate::session::UserChange;
+use crate::identity::LoginIds;
 use crate::wechat::client::{CodeSession, WechatClient, WechatError};
 
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
@@ -133,34 +132,12 @@ impl AuthService {
                 .map(str::to_owned)
         });
         let resolved = self
-            .identities
-            .resolve(LoginIds {
+            .resolve_identity(LoginIds {
                 appid,
                 openid: &exchanged.openid,
                 unionid: unionid.as_deref(),
             })
-            .await
-            .map_err(|e| match e {
-                IdentityError::NoUnionid => Error::UnionidUnavailable,
-                IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
-            })?;
-        if !resolved.merged.is_empty() {
-            self.metrics.count_merges(resolved.merged.len());
-            tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: the same person");
-            for from in &resolved.merged {
-                self.sessions
-                    .repoint_user(
-                        from,
-                        &resolved.user_id,
-                        UserChange {
-                            unionid: unionid.as_deref(),
-                            phone: None,
-                        },
-                    )
-                    .await
-                    .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-            }
-        }
+            .await?;
         tracing::info!(app = %app.name, user_id = %resolved.user_id, new_user = resolved.created, "login");
         self.sessions
             .push_session_key(appid, &exchanged.openid, exchanged.session_key.clone(), now)

@@ -8,13 +8,12 @@ use http::{HeaderMap, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::bearer_token;
 use super::service::{AuthService, no_store};
 use crate::body::{self, Body};
 use crate::config::Secret;
 use crate::error::Error;
-use crate::identity::{IdentityError, LoginIds};
-use crate::session::{Session, UserChange};
+use crate::identity::LoginIds;
+use crate::session::Session;
 use crate::wechat::crypto::{self, CryptoError, WatermarkError};
 
 /// The fields `wx.getUserInfo` (and the legacy phone button) hand the client.
@@ -121,8 +120,7 @@ impl AuthService {
         data: OpenData,
         now: u64,
     ) -> Result<Response<Body>, Error> {
-        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
-        let session = self.live_session(token, now).await?;
+        let session = self.bearer_session(headers, now).await?;
         let keys = self
             .sessions
             .session_keys(&session.appid, &session.openid)
@@ -158,36 +156,15 @@ impl AuthService {
             return Ok(session.user_id.clone());
         }
         let resolved = self
-            .identities
-            .resolve(LoginIds {
+            .resolve_identity(LoginIds {
                 appid: &session.appid,
                 openid: &session.openid,
                 unionid: Some(unionid),
             })
-            .await
-            .map_err(|e| match e {
-                IdentityError::NoUnionid => Error::UnionidUnavailable,
-                IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
-            })?;
-        if !resolved.merged.is_empty() {
-            self.metrics.count_merges(resolved.merged.len());
-            tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: a unionid showed they are one person");
-        }
-        let mut moved = vec![session.user_id.as_str()];
-        moved.extend(resolved.merged.iter().map(String::as_str));
-        for from in moved {
-            self.sessions
-                .repoint_user(
-                    from,
-                    &resolved.user_id,
-                    UserChange {
-                        unionid: Some(unionid),
-                        phone: None,
-                    },
-                )
-                .await
-                .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-        }
+            .await?;
+        // This session's own user: it now has the unionid, or was itself merged into the survivor.
+        self.repoint(&session.user_id, &resolved.user_id, Some(unionid))
+            .await?;
         Ok(resolved.user_id)
     }
 }

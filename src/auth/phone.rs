@@ -7,7 +7,6 @@ use http::{HeaderMap, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::bearer_token;
 use super::open_data::OpenData;
 use super::service::{AuthService, no_store};
 use crate::body::{self, Body};
@@ -47,8 +46,7 @@ impl AuthService {
         request: PhoneRequest,
         now: u64,
     ) -> Result<Response<Body>, Error> {
-        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
-        let session = self.live_session(token, now).await?;
+        let session = self.bearer_session(headers, now).await?;
         let app = self
             .apps
             .iter()

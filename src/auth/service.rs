@@ -28,11 +28,11 @@ use super::{AuthFuture, Authenticator, Identity, bearer_token};
 use crate::body::{self, Body};
 use crate::config::{AppConfig, AppKind, Config, SessionStoreConfig};
 use crate::error::Error;
-use crate::identity::Identities;
+use crate::identity::{Identities, IdentityError, LoginIds, Resolved};
 use crate::metrics::Metrics;
 use crate::session::memory::MemoryStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
-use crate::session::{Rotation, Session, SessionStore};
+use crate::session::{Rotation, Session, SessionStore, UserChange};
 use crate::wechat::access_token::{AccessTokens, LocalAccessTokens};
 use crate::wechat::client::WechatClient;
 
@@ -277,8 +277,7 @@ impl AuthService {
     }
 
     async fn session(&self, headers: &HeaderMap, now: u64) -> Result<Response<Body>, Error> {
-        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
-        let session = self.live_session(token, now).await?;
+        let session = self.bearer_session(headers, now).await?;
         let mut view = json!({
             "user_id": session.user_id,
             "app": &*session.app,
@@ -307,6 +306,52 @@ impl AuthService {
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?
             .ok_or(Error::InvalidToken)
+    }
+
+    /// Applies the identity rules to one login's ids. When they show that other users are this same
+    /// person (rule 4), the merge is counted and logged, and every live session of a merged user
+    /// carries the survivor (and the unionid) from its next request on.
+    pub(super) async fn resolve_identity(&self, ids: LoginIds<'_>) -> Result<Resolved, Error> {
+        let resolved = self.identities.resolve(ids).await.map_err(|e| match e {
+            IdentityError::NoUnionid => Error::UnionidUnavailable,
+            IdentityError::Store(e) => Error::IdentityUnavailable(Box::new(e)),
+        })?;
+        if !resolved.merged.is_empty() {
+            self.metrics.count_merges(resolved.merged.len());
+            tracing::info!(user_id = %resolved.user_id, merged = ?resolved.merged, "users merged: a unionid showed they are one person");
+            for from in &resolved.merged {
+                self.repoint(from, &resolved.user_id, ids.unionid).await?;
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// Points the live sessions of `from` at `into`, recording the unionid when known.
+    pub(super) async fn repoint(
+        &self,
+        from: &str,
+        into: &str,
+        unionid: Option<&str>,
+    ) -> Result<(), Error> {
+        let change = UserChange {
+            unionid,
+            phone: None,
+        };
+        self.sessions
+            .repoint_user(from, into, change)
+            .await
+            .map(drop)
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))
+    }
+
+    /// The live session of a request's bearer token.
+    pub(super) async fn bearer_session(
+        &self,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Result<Arc<Session>, Error> {
+        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
+        self.live_session(token, now).await
     }
 
     /// Whether the stores answer, for `/readyz`.
