@@ -114,6 +114,28 @@ pub fn unionid(data: &Value) -> Option<&str> {
 }
 
 impl AuthService {
+    /// Opens `data` the client got in this session, with the session_keys WeChat issued for its
+    /// (appid, openid), newest first.
+    pub(super) async fn open_for_session(
+        &self,
+        session: &Session,
+        data: &OpenData,
+        now: u64,
+    ) -> Result<Value, Error> {
+        let keys = self
+            .sessions
+            .session_keys(&session.appid, &session.openid)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        data.open(
+            &keys,
+            &session.appid,
+            &session.openid,
+            now,
+            self.watermark_max_age,
+        )
+    }
+
     pub(super) async fn userinfo(
         &self,
         headers: &HeaderMap,
@@ -121,18 +143,7 @@ impl AuthService {
         now: u64,
     ) -> Result<Response<Body>, Error> {
         let session = self.bearer_session(headers, now).await?;
-        let keys = self
-            .sessions
-            .session_keys(&session.appid, &session.openid)
-            .await
-            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-        let opened = data.open(
-            &keys,
-            &session.appid,
-            &session.openid,
-            now,
-            self.watermark_max_age,
-        )?;
+        let opened = self.open_for_session(&session, &data, now).await?;
         let user_id = match unionid(&opened) {
             Some(unionid) => self.learn_unionid(&session, unionid).await?,
             None => session.user_id.clone(),

@@ -75,18 +75,9 @@ impl AuthService {
                 info
             }
             (None, true) => {
-                let keys = self
-                    .sessions
-                    .session_keys(&session.appid, &session.openid)
-                    .await
-                    .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-                let opened = request.open_data.open(
-                    &keys,
-                    &session.appid,
-                    &session.openid,
-                    now,
-                    self.watermark_max_age,
-                )?;
+                let opened = self
+                    .open_for_session(&session, &request.open_data, now)
+                    .await?;
                 serde_json::from_value(opened)
                     .map_err(|_| Error::DecryptFailed(CryptoError::NotJson))?
             }

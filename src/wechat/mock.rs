@@ -166,6 +166,19 @@ impl State {
         })
     }
 
+    /// The app whose valid access_token the request's `access_token` parameter is, or WeChat's 40001.
+    fn authorize(&self, query: &HashMap<String, String>) -> Result<String, Value> {
+        query
+            .get("access_token")
+            .and_then(|t| self.app_of_token(t))
+            .ok_or_else(|| {
+                errcode(
+                    40001,
+                    "invalid credential, access_token is invalid or not latest",
+                )
+            })
+    }
+
     /// Encrypts `plain` with the session_key `user`'s client holds in `appid`.
     fn seal_for_client(&self, appid: &str, user: &str, plain: &Value) -> Option<(String, String)> {
         let key = self.client_keys.get(&(appid.to_owned(), user.to_owned()))?;
@@ -607,14 +620,9 @@ fn stable_token(body: &Value, state: &mut State) -> Value {
 }
 
 fn phone_number(query: &HashMap<String, String>, body: &Value, state: &mut State) -> Value {
-    let Some(appid) = query
-        .get("access_token")
-        .and_then(|t| state.app_of_token(t))
-    else {
-        return errcode(
-            40001,
-            "invalid credential, access_token is invalid or not latest",
-        );
+    let appid = match state.authorize(query) {
+        Ok(appid) => appid,
+        Err(reply) => return reply,
     };
     let Some(code) = body.get("code").and_then(Value::as_str) else {
         return errcode(40097, "invalid args: code missing");
@@ -637,14 +645,9 @@ fn phone_number(query: &HashMap<String, String>, body: &Value, state: &mut State
 }
 
 fn check_session(query: &HashMap<String, String>, reset: bool, state: &mut State) -> Value {
-    let Some(appid) = query
-        .get("access_token")
-        .and_then(|t| state.app_of_token(t))
-    else {
-        return errcode(
-            40001,
-            "invalid credential, access_token is invalid or not latest",
-        );
+    let appid = match state.authorize(query) {
+        Ok(appid) => appid,
+        Err(reply) => return reply,
     };
     let (Some(openid), Some(signature)) = (query.get("openid"), query.get("signature")) else {
         return errcode(40097, "invalid args");
