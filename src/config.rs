@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -176,6 +177,9 @@ pub struct FileWechat {
     /// How old decrypted open data (user info, legacy phone data) may be, by its watermark timestamp.
     /// Default `"10m"`.
     pub watermark_max_age: Option<String>,
+    /// Base URL of WeChat's OAuth pages (website QR login, official-account authorize), where browsers
+    /// are sent to log in. Default `"https://open.weixin.qq.com"`; point it at the mock locally.
+    pub open_base: Option<String>,
 }
 
 /// One `[[apps]]` entry.
@@ -190,6 +194,17 @@ pub struct FileApp {
     pub appid: String,
     /// The app's AppSecret. Write `${VAR}` and keep it in the environment.
     pub secret: String,
+    /// `oa` only: the OAuth scope asked for, `snsapi_userinfo` (default: a consent page, and the
+    /// unionid) or `snsapi_base` (silent, but no unionid, so no linking to the person's other apps).
+    pub scope: Option<String>,
+    /// `app`, `web`, `oa`: after an OAuth login, also fetch `sns/userinfo` and return the nickname and
+    /// avatar as `profile`. Default false (one WeChat call less per login).
+    pub fetch_userinfo: Option<bool>,
+    /// `web`, `oa`: the origin browsers reach wxgate at for this app, e.g. `"https://m.example.com"`
+    /// (the domain registered with WeChat). Enables the browser flow
+    /// (`/auth/oauth/NAME/start` and `/callback`); the callback URL is this plus
+    /// `/auth/oauth/NAME/callback`.
+    pub public_url: Option<String>,
 }
 
 /// `[identity]`
@@ -234,6 +249,10 @@ pub struct FileRoute {
     pub auth: String,
     /// Name used in metrics and logs. Default: the prefix.
     pub name: Option<String>,
+    /// The name of a `web` or `oa` app (with `public_url`): a page request (GET or HEAD accepting
+    /// `text/html`) that this rule refuses for want of a valid session is redirected to that app's
+    /// WeChat login instead of answered 401, and comes back here after it. API requests still get 401.
+    pub browser_login: Option<String>,
 }
 
 /// `[headers]`
@@ -302,6 +321,8 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct WechatConfig {
     pub api_base: Uri,
+    /// Where browsers log in: `https://open.weixin.qq.com` or the mock; no trailing slash.
+    pub open_base: String,
     pub timeout: Duration,
     pub watermark_max_age: Duration,
 }
@@ -320,6 +341,28 @@ pub struct AppConfig {
     pub kind: AppKind,
     pub appid: String,
     pub secret: Secret,
+    /// The OAuth scope: `snsapi_login` for `web`, `snsapi_userinfo` or `snsapi_base` for `oa`,
+    /// `snsapi_userinfo` for `app` (asked by the app itself); empty for mini programs.
+    pub scope: &'static str,
+    pub fetch_userinfo: bool,
+    /// `web` and `oa`: origin of the browser flow, no trailing slash.
+    pub public_url: Option<String>,
+}
+
+impl AppKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppKind::MiniProgram => "miniprogram",
+            AppKind::App => "app",
+            AppKind::Web => "web",
+            AppKind::Oa => "oa",
+        }
+    }
+
+    /// Apps whose users log in in a browser page, redirected to WeChat and back.
+    pub fn is_browser(self) -> bool {
+        matches!(self, AppKind::Web | AppKind::Oa)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,7 +462,7 @@ impl Config {
         let identity = identity_config(file.identity)?;
         let session = session_config(file.session)?;
         let headers = headers_config(file.headers)?;
-        let routes = routes_config(file.routes, &server)?;
+        let routes = routes_config(file.routes, &server, &apps)?;
         if !apps.is_empty() && session.signing_key.is_none() {
             return Err(ConfigError::invalid(
                 "session.signing_key",
@@ -728,8 +771,26 @@ fn wechat_config(file: FileWechat) -> Result<WechatConfig, ConfigError> {
     if api_base.query().is_some() {
         return Err(ConfigError::invalid(KEY, "must not have a query"));
     }
+    let open_base = file
+        .open_base
+        .unwrap_or_else(|| "https://open.weixin.qq.com".to_owned());
+    let open_base = open_base.trim().trim_end_matches('/').to_owned();
+    let parsed: Option<Uri> = open_base.parse().ok();
+    if !parsed.as_ref().is_some_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https"))
+            && u.authority().is_some()
+            && u.query().is_none()
+    }) {
+        return Err(ConfigError::invalid(
+            "wechat.open_base",
+            format!(
+                "\"{open_base}\" is not a base URL; write \"https://open.weixin.qq.com\" or the mock's http://127.0.0.1:PORT"
+            ),
+        ));
+    }
     Ok(WechatConfig {
         api_base,
+        open_base,
         timeout: duration("wechat.timeout", file.timeout, Duration::from_secs(5))?,
         watermark_max_age: duration(
             "wechat.watermark_max_age",
@@ -801,14 +862,80 @@ fn apps_config(files: Vec<FileApp>) -> Result<Vec<AppConfig>, ConfigError> {
                 "is empty; set it to the AppSecret, e.g. secret = \"${WXGATE_SHOP_SECRET}\"",
             ));
         }
+        let scope = match (kind, file.scope.as_deref().map(str::trim)) {
+            (AppKind::Oa, None | Some("snsapi_userinfo")) => "snsapi_userinfo",
+            (AppKind::Oa, Some("snsapi_base")) => "snsapi_base",
+            (AppKind::Oa, Some(other)) => {
+                return Err(ConfigError::invalid(
+                    key("scope"),
+                    format!(
+                        "\"{other}\" is not an official-account scope; use \"snsapi_userinfo\" or \"snsapi_base\""
+                    ),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("scope"),
+                    "applies only to kind = \"oa\"; remove it (apps ask snsapi_userinfo, websites snsapi_login)",
+                ));
+            }
+            (AppKind::App, None) => "snsapi_userinfo",
+            (AppKind::Web, None) => "snsapi_login",
+            (AppKind::MiniProgram, None) => "",
+        };
+        let fetch_userinfo = file.fetch_userinfo.unwrap_or(false);
+        if fetch_userinfo && (kind == AppKind::MiniProgram || scope == "snsapi_base") {
+            return Err(ConfigError::invalid(
+                key("fetch_userinfo"),
+                "needs an OAuth app with a user-info scope (kind \"app\", \"web\", or \"oa\" with snsapi_userinfo); remove it",
+            ));
+        }
+        let public_url = match file.public_url {
+            None => None,
+            Some(_) if !kind.is_browser() => {
+                return Err(ConfigError::invalid(
+                    key("public_url"),
+                    "applies only to kind = \"web\" or \"oa\", whose users log in in a browser; remove it",
+                ));
+            }
+            Some(url) => Some(public_url(&key("public_url"), &url)?),
+        };
         apps.push(AppConfig {
             name,
             kind,
             appid,
             secret: Secret::new(file.secret.trim()),
+            scope,
+            fetch_userinfo,
+            public_url,
         });
     }
     Ok(apps)
+}
+
+/// An origin (`https://host[:port]`, nothing after it), without a trailing slash.
+fn public_url(key: &str, text: &str) -> Result<String, ConfigError> {
+    let text = text.trim().trim_end_matches('/');
+    let uri: Option<Uri> = text.parse().ok();
+    let ok = uri.as_ref().is_some_and(|u| {
+        let local = u
+            .host()
+            .is_some_and(|h| h == "localhost" || h == "127.0.0.1" || h == "[::1]");
+        (u.scheme_str() == Some("https") || (u.scheme_str() == Some("http") && local))
+            && u.authority().is_some()
+            && u.path_and_query()
+                .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+            && !u.authority().is_some_and(|a| a.as_str().contains('@'))
+    });
+    if !ok {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "\"{text}\" is not an origin; write https://HOST (http only for localhost), the domain registered with WeChat, with no path"
+            ),
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 fn identity_config(file: FileIdentity) -> Result<IdentityConfig, ConfigError> {
@@ -996,7 +1123,11 @@ fn headers_config(file: FileHeaders) -> Result<HeadersConfig, ConfigError> {
     })
 }
 
-fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTable, ConfigError> {
+fn routes_config(
+    files: Vec<FileRoute>,
+    server: &ServerConfig,
+    apps: &[AppConfig],
+) -> Result<RouteTable, ConfigError> {
     let mut routes = Vec::with_capacity(files.len());
     let mut names: HashMap<String, String> = HashMap::new();
     for (i, file) in files.into_iter().enumerate() {
@@ -1084,11 +1215,38 @@ fn routes_config(files: Vec<FileRoute>, server: &ServerConfig) -> Result<RouteTa
             ));
         }
         names.insert(name.clone(), prefix.clone());
+        let browser_login = match file.browser_login.as_deref().map(str::trim) {
+            None => None,
+            Some(app) => {
+                if !apps
+                    .iter()
+                    .any(|a| a.name == app && a.kind.is_browser() && a.public_url.is_some())
+                {
+                    return Err(ConfigError::invalid(
+                        key("browser_login"),
+                        format!(
+                            "\"{app}\" is not a configured app of kind \"web\" or \"oa\" with a public_url; name one"
+                        ),
+                    ));
+                }
+                if auth == Policy::Public {
+                    return Err(ConfigError::invalid(
+                        key("browser_login"),
+                        "has no effect on a public route; remove it or make the route \"optional\" or \"required\"",
+                    ));
+                }
+                Some(Arc::from(format!(
+                    "{}/oauth/{app}/start",
+                    server.auth_prefix
+                )))
+            }
+        };
         routes.push(Route {
             name: name.as_str().into(),
             prefix,
             methods,
             policy: auth,
+            browser_login,
         });
     }
     Ok(RouteTable::new(routes))

@@ -78,6 +78,22 @@ pub enum Error {
     /// `signature` is not `sha1(rawData + session_key)`.
     #[error("rawData signature mismatch")]
     SignatureMismatch,
+    /// An OAuth callback whose `state` is unknown, expired, already used, for another app, or not
+    /// started in this browser.
+    #[error("invalid OAuth state")]
+    InvalidState,
+    /// The user declined WeChat's consent page (the callback came back without a code).
+    #[error("login declined")]
+    LoginDeclined,
+    /// An official-account page opened in snapshot mode: WeChat gives a virtual user, never linked.
+    #[error("snapshot-mode user")]
+    SnapshotUser,
+    /// `return_to` is not a path on this site.
+    #[error("return_to is not a local path")]
+    BadReturnTo,
+    /// A state-changing request authenticated by the session cookie from another origin.
+    #[error("cross-origin request with the session cookie")]
+    CrossOrigin,
     /// A bug: a panic or a broken invariant. The client learns nothing more.
     #[error("internal error: {0}")]
     Internal(String),
@@ -111,6 +127,10 @@ impl Error {
             Error::DecryptFailed(_) | Error::WatermarkMismatch(_) | Error::SignatureMismatch => {
                 StatusCode::BAD_REQUEST
             }
+            Error::InvalidState | Error::BadReturnTo => StatusCode::BAD_REQUEST,
+            Error::LoginDeclined | Error::SnapshotUser | Error::CrossOrigin => {
+                StatusCode::FORBIDDEN
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -139,6 +159,11 @@ impl Error {
             Error::DecryptFailed(_) => "decrypt_failed",
             Error::WatermarkMismatch(_) => "watermark_mismatch",
             Error::SignatureMismatch => "signature_mismatch",
+            Error::InvalidState => "invalid_state",
+            Error::LoginDeclined => "login_declined",
+            Error::SnapshotUser => "snapshot_user",
+            Error::BadReturnTo => "invalid_return_to",
+            Error::CrossOrigin => "cross_origin",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -206,6 +231,19 @@ impl Error {
             Error::WatermarkMismatch(WatermarkError::Missing) => "The data carries no watermark.",
             Error::SignatureMismatch => {
                 "signature is not the SHA-1 of rawData and the session_key."
+            }
+            Error::InvalidState => {
+                "This login link is invalid, expired, already used or from another browser; start the login again."
+            }
+            Error::LoginDeclined => "The WeChat login was declined.",
+            Error::SnapshotUser => {
+                "This page is open in WeChat's preview (snapshot) mode, which has no real user; open it in full to log in."
+            }
+            Error::BadReturnTo => {
+                "return_to must be a path on this site, like /orders?id=1 (not //host, /\\host or a URL)."
+            }
+            Error::CrossOrigin => {
+                "A request from another origin cannot use the session cookie; send the access token instead."
             }
             Error::Internal(_) => "Internal error.",
         }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use http::header::{self, HeaderName};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
@@ -19,7 +19,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tracing::Instrument;
 
-use crate::auth::service::AuthService;
+use crate::auth::oauth::{self, SESSION_COOKIE};
+use crate::auth::service::{AuthService, Via, credential};
 use crate::auth::{Authenticator, Identity};
 use crate::body::{self, Body};
 use crate::config::Config;
@@ -44,6 +45,9 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Labels for requests that never reach a configured route.
     labels: Labels,
+    /// Origins of the browser apps (`apps[].public_url`): the only ones whose pages may send
+    /// state-changing requests with the session cookie.
+    browser_origins: Vec<String>,
 }
 
 struct Labels {
@@ -56,6 +60,12 @@ struct Labels {
 impl Labels {
     /// The metrics label of a path under the auth prefix (bounded: unknown paths share one label).
     fn auth(&self, rest: &str) -> Arc<str> {
+        // The browser flow's paths name the app; one label per step keeps the label set bounded.
+        let rest = match rest.strip_prefix("/oauth/").and_then(|r| r.split_once('/')) {
+            Some((_, "start")) => "/oauth/*/start",
+            Some((_, "callback")) => "/oauth/*/callback",
+            _ => rest,
+        };
         self.auth_endpoints
             .iter()
             .find(|(path, _)| *path == rest)
@@ -92,11 +102,19 @@ impl Gateway {
                     ("/session", "auth_session"),
                     ("/userinfo", "auth_userinfo"),
                     ("/phone", "auth_phone"),
+                    ("/oauth/login", "auth_oauth_login"),
+                    ("/oauth/*/start", "auth_oauth_start"),
+                    ("/oauth/*/callback", "auth_oauth_callback"),
                 ]
                 .into_iter()
                 .map(|(path, label)| (path, Arc::from(label)))
                 .collect(),
             },
+            browser_origins: config
+                .apps
+                .iter()
+                .filter_map(|a| a.public_url.clone())
+                .collect(),
         }
     }
 
@@ -156,10 +174,17 @@ impl Gateway {
             .route_and_forward(request, client)
             .instrument(span.clone())
             .await;
-        let response = match outcome.result {
+        let mut response = match outcome.result {
             Ok(response) => response,
             Err(err) => span.in_scope(|| error::respond(err, &self.metrics)),
         };
+        if outcome.clear_cookie {
+            // The session cookie was refused: forget it, so the next page is simply anonymous.
+            response.headers_mut().append(
+                header::SET_COOKIE,
+                oauth::set_cookie(SESSION_COOKIE, String::new(), std::time::Duration::ZERO),
+            );
+        }
         let elapsed = started.elapsed();
         self.metrics
             .observe_request(&outcome.route, response.status().as_u16(), elapsed);
@@ -195,6 +220,7 @@ impl Gateway {
                 path: Some(path),
                 user_id: None,
                 result,
+                clear_cookie: false,
             };
         }
 
@@ -203,15 +229,22 @@ impl Gateway {
         let identity: Option<Identity> = match route.policy {
             Policy::Public => None,
             Policy::Optional | Policy::Required => {
+                let via = credential(&parts.headers).map(|(_, via)| via);
+                if via == Some(Via::Cookie)
+                    && !is_safe(&parts.method)
+                    && !self.origin_allowed(&parts.headers)
+                {
+                    return Outcome::failed(route.name.clone(), Some(path), Error::CrossOrigin);
+                }
                 match self.authenticator.authenticate(&parts.headers).await {
+                    Ok(None) if route.policy == Policy::Required => {
+                        return self.refused(route, path, &parts, Error::LoginRequired, via);
+                    }
                     Ok(identity) => identity,
-                    Err(e) => return Outcome::failed(route.name.clone(), Some(path), e),
+                    Err(e) => return self.refused(route, path, &parts, e, via),
                 }
             }
         };
-        if route.policy == Policy::Required && identity.is_none() {
-            return Outcome::failed(route.name.clone(), Some(path), Error::LoginRequired);
-        }
 
         // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
         if !parts.headers.contains_key(header::HOST)
@@ -235,8 +268,99 @@ impl Gateway {
             path: Some(path),
             user_id: identity.map(|i| i.user_id),
             result,
+            clear_cookie: false,
         }
     }
+}
+
+impl Gateway {
+    /// The answer to a request its route refuses for want of a valid identity: a redirect to the
+    /// route's browser login for a page request, else the error (401 for credential errors). A
+    /// refused session cookie is cleared either way.
+    fn refused(
+        &self,
+        route: &crate::routes::Route,
+        path: String,
+        parts: &http::request::Parts,
+        err: Error,
+        via: Option<Via>,
+    ) -> Outcome {
+        let credential_error = matches!(
+            err,
+            Error::LoginRequired | Error::InvalidToken | Error::TokenExpired
+        );
+        let clear_cookie = via == Some(Via::Cookie) && credential_error;
+        let result = match &route.browser_login {
+            Some(start)
+                if credential_error
+                    && matches!(parts.method, Method::GET | Method::HEAD)
+                    && accepts_html(&parts.headers) =>
+            {
+                Ok(login_redirect(start, &path, parts.uri.query()))
+            }
+            _ => Err(err),
+        };
+        Outcome {
+            route: route.name.clone(),
+            path: Some(path),
+            user_id: None,
+            result,
+            clear_cookie,
+        }
+    }
+
+    /// Whether a state-changing request carrying the session cookie comes from one of the browser
+    /// apps' own pages. Browsers send `Origin` with such requests; a request without it (an old
+    /// browser, a non-browser client) relies on the cookie's `SameSite=Lax`.
+    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        match headers.get(header::ORIGIN).map(HeaderValue::as_bytes) {
+            None => true,
+            Some(origin) => self
+                .browser_origins
+                .iter()
+                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// Methods that must not change state (RFC 9110 §9.2.1), so need no cross-origin check.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Whether the client is a browser asking for a page.
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
+}
+
+/// `302` to the browser login at `start`, coming back to this page afterwards.
+fn login_redirect(start: &str, path: &str, query: Option<&str>) -> Response<Body> {
+    let here = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let here = oauth::safe_return_to(Some(&here)).unwrap_or_else(|_| "/".to_owned());
+    let location = format!(
+        "{start}?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("return_to", &here)
+            .finish()
+    );
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::FOUND;
+    if let Ok(location) = HeaderValue::try_from(location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// What happened to one request, for the metrics and the access log.
@@ -245,6 +369,8 @@ struct Outcome {
     path: Option<String>,
     user_id: Option<String>,
     result: Result<Response<Body>, Error>,
+    /// Clear the session cookie in the response (it was refused).
+    clear_cookie: bool,
 }
 
 impl Outcome {
@@ -254,6 +380,7 @@ impl Outcome {
             path,
             user_id: None,
             result: Err(err),
+            clear_cookie: false,
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct Route {
     /// `None`: every method.
     pub methods: Option<Vec<Method>>,
     pub policy: Policy,
+    /// `routes[].browser_login`: the path of a browser app's login start (`/auth/oauth/NAME/start`),
+    /// where refused page requests are redirected.
+    pub browser_login: Option<Arc<str>>,
 }
 
 impl Route {
@@ -62,6 +65,7 @@ impl RouteTable {
                 prefix: "/".to_owned(),
                 methods: None,
                 policy: Policy::Required,
+                browser_login: None,
             },
         }
     }
@@ -346,6 +350,7 @@ mod tests {
             prefix: prefix.to_owned(),
             methods,
             policy,
+            browser_login: None,
         }
     }
 

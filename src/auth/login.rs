@@ -67,7 +67,7 @@ impl CodeExchanges {
 }
 
 /// Whether `code` could be a `wx.login()` code (WeChat's are 32 alphanumerics; allow some slack).
-fn looks_like_code(code: &str) -> bool {
+pub(super) fn looks_like_code(code: &str) -> bool {
     (1..=128).contains(&code.len())
         && code
             .bytes()
@@ -75,7 +75,7 @@ fn looks_like_code(code: &str) -> bool {
 }
 
 /// Maps WeChat's answer to the client's error (DESIGN.md's table).
-fn login_error(e: WechatError) -> Error {
+pub(super) fn login_error(e: WechatError) -> Error {
     match e {
         WechatError::Api {
             errcode: 40029 | 42003,

@@ -3,6 +3,7 @@
 //! answered here and never forwarded.
 
 pub mod login;
+pub mod oauth;
 pub mod open_data;
 pub mod phone;
 pub mod service;

@@ -142,7 +142,7 @@ impl AuthService {
         data: OpenData,
         now: u64,
     ) -> Result<Response<Body>, Error> {
-        let session = self.bearer_session(headers, now).await?;
+        let (session, _) = self.mini_program_session(headers, now).await?;
         let opened = self.open_for_session(&session, &data, now).await?;
         let user_id = match unionid(&opened) {
             Some(unionid) => self.learn_unionid(&session, unionid).await?,

@@ -46,14 +46,7 @@ impl AuthService {
         request: PhoneRequest,
         now: u64,
     ) -> Result<Response<Body>, Error> {
-        let session = self.bearer_session(headers, now).await?;
-        let app = self
-            .apps
-            .iter()
-            .find(|a| a.name == session.app)
-            .ok_or_else(|| {
-                Error::Internal("a session names an app that is not configured".into())
-            })?;
+        let (session, app) = self.mini_program_session(headers, now).await?;
         let info: PhoneInfo = match (request.code, request.open_data.is_present()) {
             (Some(code), _) => {
                 if !looks_like_phone_code(&code) {

@@ -9,6 +9,10 @@
 //! | `GET /session` | bearer | the session's user and WeChat ids |
 //! | `POST /phone` | bearer + `{"code"}` or `{"encryptedData", "iv"}` | the verified phone number ([`phone`](super::phone)) |
 //! | `POST /userinfo` | bearer + `{"encryptedData", "iv", "rawData"?, "signature"?}` | user id, unionid, profile ([`open_data`](super::open_data)) |
+//! | `POST /oauth/login` | `{"app"?, "code"}` | a token pair for an app, website or official account ([`oauth`](super::oauth)) |
+//! | `GET /oauth/{app}/start`, `/callback` | `?return_to=` | the browser login of a website or official account, ending with the session cookie |
+//!
+//! `/logout` and `/session` accept the session cookie of a browser login as well as the bearer token.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +26,9 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::login::CodeExchanges;
+use super::oauth::{
+    OAUTH_LOGIN_EXPECTED, OauthLoginRequest, OauthState, SESSION_COOKIE, cookie_value, set_cookie,
+};
 use super::open_data::OpenData;
 use super::phone::{PHONE_EXPECTED, PhoneRequest};
 use super::{AuthFuture, Authenticator, Identity, bearer_token};
@@ -63,6 +70,26 @@ pub struct AuthService {
     pub(super) watermark_max_age: u64,
     pub(super) metrics: Arc<Metrics>,
     pub(super) access_tokens: Arc<dyn AccessTokens>,
+    pub(super) oauth: OauthState,
+    /// `server.auth_prefix`, for the OAuth callback URL.
+    pub(super) auth_prefix: String,
+    /// `wechat.open_base`, where browsers log in.
+    pub(super) open_base: String,
+}
+
+/// Where a request's credentials came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Bearer,
+    Cookie,
+}
+
+/// The request's credential: the bearer token, else the session cookie of a browser login.
+pub fn credential(headers: &HeaderMap) -> Option<(&str, Via)> {
+    match bearer_token(headers) {
+        Some(token) => Some((token, Via::Bearer)),
+        None => cookie_value(headers, SESSION_COOKIE).map(|t| (t, Via::Cookie)),
+    }
 }
 
 /// A configured app, with its name shared by every session of it.
@@ -129,6 +156,9 @@ impl AuthService {
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
             refresh_ttl: config.session.refresh_ttl.as_secs(),
             exchanges: CodeExchanges::new(),
+            oauth: OauthState::new(),
+            auth_prefix: config.server.auth_prefix.clone(),
+            open_base: config.wechat.open_base.clone(),
             watermark_max_age: config.wechat.watermark_max_age.as_secs(),
             metrics,
         }))
@@ -143,7 +173,22 @@ impl AuthService {
         let (parts, body) = request.into_parts();
         let now = unix_now();
         let headers = &parts.headers;
+        let query = parts.uri.query();
+        if let Some(rest) = path.strip_prefix("/oauth/")
+            && let Some((app, step)) = rest.split_once('/')
+        {
+            return match (step, parts.method) {
+                ("start", Method::GET) => self.oauth_start(app, query, headers).await,
+                ("callback", Method::GET) => self.oauth_callback(app, query, headers, now).await,
+                ("start" | "callback", _) => Err(Error::MethodNotAllowed("GET")),
+                _ => Err(Error::NotFound),
+            };
+        }
         match (path, parts.method) {
+            ("/oauth/login", Method::POST) => {
+                let request: OauthLoginRequest = read_json(body, OAUTH_LOGIN_EXPECTED).await?;
+                self.oauth_login(request, now).await
+            }
             ("/login", Method::POST) => {
                 self.login(read_json(body, LOGIN_EXPECTED).await?, now)
                     .await
@@ -162,7 +207,7 @@ impl AuthService {
                 let request: PhoneRequest = read_json(body, PHONE_EXPECTED).await?;
                 self.phone(headers, request, now).await
             }
-            ("/login" | "/refresh" | "/logout" | "/userinfo" | "/phone", _) => {
+            ("/login" | "/refresh" | "/logout" | "/userinfo" | "/phone" | "/oauth/login", _) => {
                 Err(Error::MethodNotAllowed("POST"))
             }
             ("/session", _) => Err(Error::MethodNotAllowed("GET, HEAD")),
@@ -193,9 +238,21 @@ impl AuthService {
     pub(super) async fn start_session(
         &self,
         app: &App,
-        new: NewSession,
+        mut new: NewSession,
         now: u64,
     ) -> Result<Response<Body>, Error> {
+        let profile = new.profile.take();
+        let (session, refresh_token) = self.new_session(app, new, now);
+        let response = self.token_response(&session, refresh_token, profile, now);
+        self.sessions
+            .insert(session)
+            .await
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        Ok(response)
+    }
+
+    /// A session for a resolved login, and its first refresh token.
+    pub(super) fn new_session(&self, app: &App, new: NewSession, now: u64) -> (Session, String) {
         let sid = crate::session::SessionId::random();
         let (refresh_token, refresh) = new_refresh_token(sid);
         let session = Session {
@@ -211,12 +268,7 @@ impl AuthService {
             refresh,
             used_refresh: Vec::new(),
         };
-        let response = self.token_response(&session, refresh_token, new.profile, now);
-        self.sessions
-            .insert(session)
-            .await
-            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-        Ok(response)
+        (session, refresh_token)
     }
 
     /// The token pair, plus the profile when the login carried user info.
@@ -265,7 +317,7 @@ impl AuthService {
     }
 
     async fn logout(&self, headers: &HeaderMap, now: u64) -> Result<Response<Body>, Error> {
-        let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
+        let (token, via) = credential(headers).ok_or(Error::LoginRequired)?;
         let claims = self.verify(token, now)?;
         self.sessions
             .revoke(&claims.sid)
@@ -273,11 +325,18 @@ impl AuthService {
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         let mut response = Response::new(body::empty());
         *response.status_mut() = StatusCode::NO_CONTENT;
+        if via == Via::Cookie {
+            response.headers_mut().append(
+                http::header::SET_COOKIE,
+                set_cookie(SESSION_COOKIE, String::new(), std::time::Duration::ZERO),
+            );
+        }
         Ok(no_store(response))
     }
 
     async fn session(&self, headers: &HeaderMap, now: u64) -> Result<Response<Body>, Error> {
-        let session = self.bearer_session(headers, now).await?;
+        let (token, _) = credential(headers).ok_or(Error::LoginRequired)?;
+        let session = self.live_session(token, now).await?;
         let mut view = json!({
             "user_id": session.user_id,
             "app": &*session.app,
@@ -344,14 +403,26 @@ impl AuthService {
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))
     }
 
-    /// The live session of a request's bearer token.
-    pub(super) async fn bearer_session(
+    /// The live mini-program session of a request's bearer token, and its app: user info and phone
+    /// numbers come only from mini programs.
+    pub(super) async fn mini_program_session(
         &self,
         headers: &HeaderMap,
         now: u64,
-    ) -> Result<Arc<Session>, Error> {
+    ) -> Result<(Arc<Session>, &App), Error> {
         let token = bearer_token(headers).ok_or(Error::LoginRequired)?;
-        self.live_session(token, now).await
+        let session = self.live_session(token, now).await?;
+        let app = self
+            .apps
+            .iter()
+            .find(|a| a.name == session.app)
+            .ok_or(Error::InvalidToken)?;
+        if app.config.kind != AppKind::MiniProgram {
+            return Err(Error::BadRequest(
+                "This endpoint serves mini-program sessions only; this session is from an app, website or official account.",
+            ));
+        }
+        Ok((session, app))
     }
 
     /// Whether the stores answer, for `/readyz`.
@@ -373,7 +444,7 @@ impl AuthService {
 impl Authenticator for AuthService {
     fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a> {
         Box::pin(async move {
-            let Some(token) = bearer_token(headers) else {
+            let Some((token, _)) = credential(headers) else {
                 return Ok(None);
             };
             let session = self.live_session(token, unix_now()).await?;

@@ -136,6 +136,7 @@ impl HeaderRules {
     ) -> Result<(), Error> {
         remove_hop_by_hop(headers);
         remove_bearer_credentials(headers);
+        remove_own_cookies(headers);
         let trusted = self.is_trusted(client.peer);
         self.remove_forgeable(headers, trusted);
         self.set_forwarding(headers, client, trusted);
@@ -239,6 +240,54 @@ fn remove_bearer_credentials(headers: &mut HeaderMap) {
         .any(auth::is_bearer)
     {
         headers.remove(header::AUTHORIZATION);
+    }
+}
+
+/// The prefix of wxgate's cookie names (the session and the login-state binding), compared without
+/// case so no spelling of them reaches a backend.
+const OWN_COOKIE_PREFIX: &[u8] = b"__host-wxgate";
+
+fn mentions_own_cookie(value: &[u8]) -> bool {
+    value
+        .windows(OWN_COOKIE_PREFIX.len())
+        .any(|w| w.eq_ignore_ascii_case(OWN_COOKIE_PREFIX))
+}
+
+/// Removes wxgate's own cookies from `Cookie` headers and keeps the others in order; a header left
+/// empty goes. Cookies are credentials for wxgate only, like bearer tokens.
+fn remove_own_cookies(headers: &mut HeaderMap) {
+    if !headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| mentions_own_cookie(v.as_bytes()))
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| {
+            if !mentions_own_cookie(value.as_bytes()) {
+                return Some(value.clone());
+            }
+            // Unreadable text that mentions our cookie cannot be filtered safely, so it goes whole.
+            let text = value.to_str().ok()?;
+            let others: Vec<&str> = text
+                .split(';')
+                .map(str::trim)
+                .filter(|pair| {
+                    let name = pair.split_once('=').map_or(*pair, |(n, _)| n).trim();
+                    !pair.is_empty() && !mentions_own_cookie(name.as_bytes())
+                })
+                .collect();
+            (!others.is_empty())
+                .then(|| HeaderValue::from_str(&others.join("; ")).ok())
+                .flatten()
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    for value in kept {
+        headers.append(header::COOKIE, value);
     }
 }
 
@@ -388,6 +437,33 @@ mod tests {
             .prepare_request(&mut h, None, client("203.0.113.9"))
             .unwrap();
         assert_eq!(h["authorization"], "Basic dXNlcjpwdw==");
+    }
+
+    #[test]
+    fn own_cookies_are_not_forwarded_but_others_are() {
+        let mut h = HeaderMap::new();
+        for value in [
+            "theme=dark; __Host-wxgate=eyJ.abc.def; lang=zh",
+            "__Host-wxgate-state=abc",
+            "__HOST-WXGATE=forged;cart=3",
+            "only=this",
+        ] {
+            h.append(header::COOKIE, HeaderValue::from_static(value));
+        }
+        rules(&[], false)
+            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .unwrap();
+        let cookies: Vec<&str> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(cookies, ["theme=dark; lang=zh", "cart=3", "only=this"]);
+        let mut untouched = map(&[("cookie", "a=1;b=2")]);
+        rules(&[], false)
+            .prepare_request(&mut untouched, None, client("203.0.113.9"))
+            .unwrap();
+        assert_eq!(untouched["cookie"], "a=1;b=2");
     }
 
     #[test]

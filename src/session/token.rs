@@ -112,11 +112,23 @@ impl Tokens {
 
     /// An access token for `user_id` in session `sid`, valid from `now` for the access TTL.
     pub fn mint_access(&self, sid: SessionId, user_id: &str, now: u64) -> String {
+        self.mint_access_until(sid, user_id, now, now + self.access_ttl)
+    }
+
+    /// An access token that lives until `expires_at` (the browser session cookie, which lives as long
+    /// as its session).
+    pub fn mint_access_until(
+        &self,
+        sid: SessionId,
+        user_id: &str,
+        now: u64,
+        expires_at: u64,
+    ) -> String {
         let claims = Claims {
             sub: user_id.to_owned(),
             sid: sid.encode(),
             iat: now,
-            exp: now + self.access_ttl,
+            exp: expires_at,
         };
         jsonwebtoken::encode(&self.header, &claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail")

@@ -33,6 +33,44 @@ impl std::fmt::Debug for CodeSession {
     }
 }
 
+/// What `sns/oauth2/access_token` returns on success (apps, websites, official accounts).
+#[derive(Clone)]
+pub struct OauthGrant {
+    pub openid: String,
+    /// Absent for official-account `snsapi_base` logins and for apps not bound to an Open Platform
+    /// account.
+    pub unionid: Option<String>,
+    /// The scope the user granted (`snsapi_base`, `snsapi_userinfo`, `snsapi_login`).
+    pub scope: String,
+    /// `is_snapshotuser: 1`: a virtual user of an official-account page opened in snapshot mode; its
+    /// ids are fake and must never be linked.
+    pub snapshot_user: bool,
+    /// The user access token, good for `sns/userinfo`; never stored.
+    pub access_token: Secret,
+}
+
+impl std::fmt::Debug for OauthGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OauthGrant")
+            .field("openid", &self.openid)
+            .field("unionid", &self.unionid)
+            .field("scope", &self.scope)
+            .field("snapshot_user", &self.snapshot_user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `sns/userinfo` returns: the profile the user typed in WeChat (gender and region have been
+/// empty since 2021, so they are not kept).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnsUser {
+    #[serde(default)]
+    pub nickname: String,
+    #[serde(default)]
+    pub headimgurl: String,
+    pub unionid: Option<String>,
+}
+
 /// A phone number as WeChat returns it (legacy decrypted data has the same fields).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -133,6 +171,73 @@ impl WechatClient {
             session_key: Secret::new(reply.session_key),
             unionid: reply.unionid.filter(|u| !u.is_empty()),
         })
+    }
+
+    /// `GET /sns/oauth2/access_token`: exchanges an OAuth code (mobile app `SendAuth`, website QR login,
+    /// official-account authorize) for the user's openid and, where WeChat gives it, unionid.
+    pub async fn oauth_access_token(
+        &self,
+        appid: &str,
+        secret: &Secret,
+        code: &str,
+    ) -> Result<OauthGrant, WechatError> {
+        #[derive(Deserialize)]
+        struct Reply {
+            openid: String,
+            access_token: String,
+            unionid: Option<String>,
+            #[serde(default)]
+            scope: String,
+            /// A number; tolerate a string or a boolean too.
+            #[serde(default)]
+            is_snapshotuser: Value,
+        }
+        let url = format!("{}/sns/oauth2/access_token", self.base);
+        let query = [
+            ("appid", appid),
+            ("secret", secret.expose()),
+            ("code", code),
+            ("grant_type", "authorization_code"),
+        ];
+        let reply: Reply = serde_json::from_value(self.get(&url, &query).await?).map_err(|_| {
+            WechatError::Unavailable(
+                "oauth2/access_token reply lacks openid or access_token".into(),
+            )
+        })?;
+        if reply.openid.is_empty() {
+            return Err(WechatError::Unavailable(
+                "oauth2/access_token reply has an empty openid".into(),
+            ));
+        }
+        let snapshot_user = match &reply.is_snapshotuser {
+            Value::Number(n) => n.as_i64() != Some(0),
+            Value::String(s) => !matches!(s.trim(), "" | "0"),
+            Value::Bool(b) => *b,
+            _ => false,
+        };
+        Ok(OauthGrant {
+            openid: reply.openid,
+            unionid: reply.unionid.filter(|u| !u.is_empty()),
+            scope: reply.scope,
+            snapshot_user,
+            access_token: Secret::new(reply.access_token),
+        })
+    }
+
+    /// `GET /sns/userinfo`: the nickname and avatar of the user an OAuth access token belongs to.
+    pub async fn sns_userinfo(
+        &self,
+        access_token: &Secret,
+        openid: &str,
+    ) -> Result<SnsUser, WechatError> {
+        let url = format!("{}/sns/userinfo", self.base);
+        let query = [
+            ("access_token", access_token.expose()),
+            ("openid", openid),
+            ("lang", "zh_CN"),
+        ];
+        serde_json::from_value(self.get(&url, &query).await?)
+            .map_err(|_| WechatError::Unavailable("sns/userinfo reply is not a profile".into()))
     }
 
     /// `POST /cgi-bin/stable_token` (normal mode): the app's access_token and its lifetime in seconds.

@@ -12,9 +12,18 @@
 //! `wxa/checksession` and `wxa/resetusersessionkey`; `cgi-bin`/`wxa` replies come as
 //! `application/json; encoding=utf-8`.
 //!
+//! OAuth (mobile app, website, official account): `sns/oauth2/access_token` with codes that live 10
+//! minutes (app, web) or 5 minutes (oa), single use, carrying the scope they were granted; unionid only
+//! for bound apps and, on official accounts, only with `snsapi_userinfo`; snapshot users
+//! (`is_snapshotuser: 1`, a virtual openid, no unionid); `sns/userinfo` and `sns/auth` with the user
+//! access token. The browser pages `connect/qrconnect` (website) and `connect/oauth2/authorize`
+//! (official account) redirect straight back with a code, for the WeChat user the browser is "signed
+//! in" as: the `wx_user` cookie, else the default set with [`MockWechat::set_browser_user`]. A
+//! `wx_snapshot=1` cookie makes that visit a snapshot-mode one, `wx_decline=1` declines consent.
+//!
 //! Control, from Rust ([`MockWechat`]'s methods) or over HTTP under `/__mock/` (for tests in other
-//! languages): register apps, play `wx.login()` for a user (mint a code), `wx.getUserInfo()` and the
-//! phone button, read a user's current session_key, revoke an app's access_token, inject a fault or a
+//! languages): register apps, play `wx.login()` for a user (mint a code), an OAuth consent of the app
+//! or the website, `wx.getUserInfo()` and the phone button, read a user's current session_key, revoke an app's access_token, inject a fault or a
 //! delay for the next N calls of an endpoint, count calls, move the clock forward.
 
 use std::collections::HashMap;
@@ -48,6 +57,20 @@ pub const STABLE_TOKEN: &str = "/cgi-bin/stable_token";
 pub const PHONE_NUMBER: &str = "/wxa/business/getuserphonenumber";
 pub const CHECK_SESSION: &str = "/wxa/checksession";
 pub const RESET_SESSION_KEY: &str = "/wxa/resetusersessionkey";
+/// The OAuth code exchange of apps, websites and official accounts.
+pub const OAUTH_ACCESS_TOKEN: &str = "/sns/oauth2/access_token";
+pub const SNS_USERINFO: &str = "/sns/userinfo";
+pub const SNS_AUTH: &str = "/sns/auth";
+/// The website QR login page (on open.weixin.qq.com).
+pub const QRCONNECT: &str = "/connect/qrconnect";
+/// The official-account authorize page (on open.weixin.qq.com).
+pub const OAUTH_AUTHORIZE: &str = "/connect/oauth2/authorize";
+/// How long the OAuth code of a mobile app or website lives.
+pub const OAUTH_CODE_TTL: Duration = Duration::from_secs(10 * 60);
+/// How long the OAuth code of an official-account page lives.
+pub const OA_CODE_TTL: Duration = Duration::from_secs(5 * 60);
+/// How long a user access token (OAuth) lives.
+pub const USER_TOKEN_TTL: Duration = Duration::from_secs(7200);
 /// How long an access_token lives.
 pub const ACCESS_TOKEN_TTL: Duration = Duration::from_secs(7200);
 /// stable_token rotates this close to expiry, and the old token stays valid this long after.
@@ -68,6 +91,54 @@ pub enum Fault {
     Delay(Duration),
 }
 
+/// Where an OAuth code comes from, which decides its lifetime and scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OauthKind {
+    /// A mobile app's `SendAuth` (scope `snsapi_userinfo`).
+    App,
+    /// A website's QR login (scope `snsapi_login`).
+    Web,
+    /// An official-account page, `snsapi_base` (silent, no unionid) or `snsapi_userinfo`.
+    Oa { userinfo: bool },
+    /// An official-account page opened in snapshot mode: a virtual user.
+    OaSnapshot,
+}
+
+impl OauthKind {
+    fn ttl(self) -> Duration {
+        match self {
+            OauthKind::App | OauthKind::Web => OAUTH_CODE_TTL,
+            OauthKind::Oa { .. } | OauthKind::OaSnapshot => OA_CODE_TTL,
+        }
+    }
+
+    fn scope(self) -> &'static str {
+        match self {
+            OauthKind::App | OauthKind::Oa { userinfo: true } => "snsapi_userinfo",
+            OauthKind::Web => "snsapi_login",
+            OauthKind::Oa { userinfo: false } | OauthKind::OaSnapshot => "snsapi_base",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OauthCode {
+    appid: String,
+    user: String,
+    kind: OauthKind,
+    issued_at: Instant,
+    used: bool,
+}
+
+#[derive(Debug)]
+struct UserToken {
+    appid: String,
+    openid: String,
+    user: String,
+    scope: &'static str,
+    expires_at: Instant,
+}
+
 #[derive(Debug, Clone)]
 struct App {
     secret: String,
@@ -81,6 +152,8 @@ struct IssuedCode {
     user: String,
     issued_at: Instant,
     used: bool,
+    /// The exchange leaves unionid out even for a bound app, as it did for users of older accounts.
+    hide_unionid: bool,
     /// `wx.login()` is what rotates the session_key: the client's data is encrypted with this key
     /// from the moment the code exists, and exchanging the code reveals it to the server.
     session_key: String,
@@ -122,6 +195,10 @@ struct State {
     skew: Duration,
     /// Accept codes nobody minted (benchmarks post random codes); see [`MockWechat::accept_any_code`].
     any_code: bool,
+    oauth_codes: HashMap<String, OauthCode>,
+    user_tokens: HashMap<String, UserToken>,
+    /// The WeChat user a browser without a `wx_user` cookie is signed in as.
+    browser_user: Option<String>,
 }
 
 impl State {
@@ -148,9 +225,27 @@ impl State {
                 user: user.to_owned(),
                 issued_at,
                 used: false,
+                hide_unionid: false,
                 session_key,
             },
         );
+    }
+
+    /// Plays an OAuth consent of `user` in `appid`: a fresh code of that kind.
+    fn mint_oauth_code(&mut self, appid: &str, user: &str, kind: OauthKind) -> String {
+        let code = new_code();
+        let issued_at = self.now();
+        self.oauth_codes.insert(
+            code.clone(),
+            OauthCode {
+                appid: appid.to_owned(),
+                user: user.to_owned(),
+                kind,
+                issued_at,
+                used: false,
+            },
+        );
+        code
     }
 
     /// The appid an access_token belongs to, while it is valid.
@@ -377,6 +472,29 @@ impl MockWechat {
         self.state().mint_code(appid, user)
     }
 
+    /// Plays `wx.login()` for a user whose exchange returns no unionid although the app is bound, as
+    /// WeChat did for many users of older accounts.
+    pub fn login_code_without_unionid(&self, appid: &str, user: &str) -> String {
+        let mut state = self.state();
+        let code = state.mint_code(appid, user);
+        if let Some(issued) = state.codes.get_mut(&code) {
+            issued.hide_unionid = true;
+        }
+        code
+    }
+
+    /// Plays an OAuth consent of `user` in `appid` (a mobile app's `SendAuth`, a website QR scan, an
+    /// official-account authorize): a fresh code of that kind.
+    pub fn oauth_code(&self, appid: &str, user: &str, kind: OauthKind) -> String {
+        self.state().mint_oauth_code(appid, user, kind)
+    }
+
+    /// The WeChat user that browsers without a `wx_user` cookie are signed in as on the authorize
+    /// pages.
+    pub fn set_browser_user(&self, user: &str) {
+        self.state().browser_user = Some(user.to_owned());
+    }
+
     /// The session_key WeChat currently holds for (appid, openid), if any login happened.
     pub fn session_key(&self, appid: &str, openid: &str) -> Option<String> {
         self.state()
@@ -480,6 +598,27 @@ async fn handle(request: Request<Incoming>, state: &Mutex<State>) -> Response<Bo
             let reply = phone_number(&query, &body, &mut state.lock().expect("not poisoned"));
             cgi_reply(reply)
         }
+        (&Method::GET, OAUTH_ACCESS_TOKEN) => {
+            let reply = oauth_access_token(&query, &mut state.lock().expect("not poisoned"));
+            sns_reply(reply)
+        }
+        (&Method::GET, SNS_USERINFO) => {
+            sns_reply(sns_userinfo(&query, &state.lock().expect("not poisoned")))
+        }
+        (&Method::GET, SNS_AUTH) => {
+            let state = state.lock().expect("not poisoned");
+            let reply = match user_token(&query, &state) {
+                Ok(_) => json!({ "errcode": 0, "errmsg": "ok" }),
+                Err(reply) => reply,
+            };
+            sns_reply(reply)
+        }
+        (&Method::GET, QRCONNECT | OAUTH_AUTHORIZE) => authorize_page(
+            &path,
+            &query,
+            request.headers(),
+            &mut state.lock().expect("not poisoned"),
+        ),
         (&Method::GET, CHECK_SESSION | RESET_SESSION_KEY) => {
             let reset = path == RESET_SESSION_KEY;
             cgi_reply(check_session(
@@ -539,6 +678,7 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
     }
     issued.used = true;
     let user = issued.user.clone();
+    let hide_unionid = issued.hide_unionid;
     let session_key = issued.session_key.clone();
     let recent = state
         .recent_logins
@@ -557,10 +697,213 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         .session_keys
         .insert((appid.clone(), openid.clone()), session_key.clone());
     let mut reply = json!({ "session_key": session_key, "openid": openid });
-    if app.bound {
+    if app.bound && !hide_unionid {
         reply["unionid"] = Value::String(unionid_of(&user));
     }
     reply
+}
+
+fn oauth_access_token(query: &HashMap<String, String>, state: &mut State) -> Value {
+    let param = |name: &str| query.get(name).filter(|v| !v.is_empty());
+    let Some(appid) = param("appid") else {
+        return errcode(41002, "appid missing");
+    };
+    let Some(secret) = param("secret") else {
+        return errcode(41004, "appsecret missing");
+    };
+    let Some(code) = param("code") else {
+        return errcode(41008, "missing code");
+    };
+    if param("grant_type").map(String::as_str) != Some("authorization_code") {
+        return errcode(40002, "invalid grant_type");
+    }
+    let Some(app) = state.apps.get(appid).cloned() else {
+        return errcode(40013, "invalid appid");
+    };
+    if app.secret != *secret {
+        return errcode(40125, "invalid appsecret");
+    }
+    let now = state.now();
+    let Some(issued) = state.oauth_codes.get_mut(code.as_str()) else {
+        return errcode(40029, "invalid code");
+    };
+    if issued.appid != *appid {
+        return errcode(40029, "invalid code");
+    }
+    if now.duration_since(issued.issued_at) > issued.kind.ttl() {
+        return errcode(42003, "code expired");
+    }
+    if issued.used {
+        return errcode(40163, "code been used");
+    }
+    issued.used = true;
+    let (user, kind) = (issued.user.clone(), issued.kind);
+    let snapshot = kind == OauthKind::OaSnapshot;
+    // A snapshot-mode visitor is a virtual user: a fresh fake openid each time, never a unionid.
+    let openid = if snapshot {
+        id28(&format!(
+            "snapshot:{appid}:{}",
+            hex::encode(random_bytes::<8>())
+        ))
+    } else {
+        openid_of(appid, &user)
+    };
+    let token = format!("MOCK_UAT_{}", hex::encode(random_bytes::<24>()));
+    state.user_tokens.insert(
+        token.clone(),
+        UserToken {
+            appid: appid.clone(),
+            openid: openid.clone(),
+            user: user.clone(),
+            scope: kind.scope(),
+            expires_at: now + USER_TOKEN_TTL,
+        },
+    );
+    let mut reply = json!({
+        "access_token": token,
+        "expires_in": USER_TOKEN_TTL.as_secs(),
+        "refresh_token": format!("MOCK_URT_{}", hex::encode(random_bytes::<24>())),
+        "openid": openid,
+        "scope": kind.scope(),
+    });
+    if app.bound && kind.scope() != "snsapi_base" {
+        reply["unionid"] = Value::String(unionid_of(&user));
+    }
+    if snapshot {
+        reply["is_snapshotuser"] = json!(1);
+    }
+    reply
+}
+
+/// The live user access token of a `sns/*` call, checked against its `openid`.
+fn user_token<'a>(
+    query: &HashMap<String, String>,
+    state: &'a State,
+) -> Result<&'a UserToken, Value> {
+    let token = query
+        .get("access_token")
+        .and_then(|t| state.user_tokens.get(t))
+        .ok_or_else(|| {
+            errcode(
+                40001,
+                "invalid credential, access_token is invalid or not latest",
+            )
+        })?;
+    if state.now() >= token.expires_at {
+        return Err(errcode(42001, "access_token expired"));
+    }
+    if query.get("openid") != Some(&token.openid) {
+        return Err(errcode(40003, "invalid openid"));
+    }
+    Ok(token)
+}
+
+fn sns_userinfo(query: &HashMap<String, String>, state: &State) -> Value {
+    let token = match user_token(query, state) {
+        Ok(token) => token,
+        Err(reply) => return reply,
+    };
+    if token.scope == "snsapi_base" {
+        return errcode(48001, "api unauthorized");
+    }
+    let mut reply = json!({
+        "openid": token.openid,
+        "nickname": token.user,
+        "sex": 0,
+        "language": "",
+        "city": "",
+        "province": "",
+        "country": "",
+        "headimgurl": format!("https://thirdwx.qlogo.cn/mmopen/vi_32/{}/132", &token.openid[1..]),
+        "privilege": [],
+    });
+    if state.apps.get(&token.appid).is_some_and(|a| a.bound) {
+        reply["unionid"] = Value::String(unionid_of(&token.user));
+    }
+    reply
+}
+
+/// `connect/qrconnect` and `connect/oauth2/authorize`: the user consents at once and the browser is
+/// sent back to `redirect_uri` with a code and the state (only the state when consent is declined).
+fn authorize_page(
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &http::HeaderMap,
+    state: &mut State,
+) -> Response<Body> {
+    let page = |status: StatusCode, text: &str| {
+        let mut response = Response::new(body::full(format!(
+            "<html><body><p>{text}</p></body></html>"
+        )));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        response
+    };
+    let param = |name: &str| query.get(name).filter(|v| !v.is_empty());
+    let Some(appid) = param("appid").filter(|a| state.apps.contains_key(*a)) else {
+        return page(StatusCode::OK, "appid 参数错误 (invalid appid)");
+    };
+    let Some(redirect_uri) = param("redirect_uri") else {
+        return page(
+            StatusCode::OK,
+            "redirect_uri 参数错误 (invalid redirect_uri)",
+        );
+    };
+    if param("response_type").map(String::as_str) != Some("code") {
+        return page(StatusCode::OK, "response_type 参数错误");
+    }
+    let scope = param("scope").map(String::as_str).unwrap_or("");
+    let cookies: HashMap<String, String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .map(|c| (c.name().to_owned(), c.value().to_owned()))
+        .collect();
+    let kind = match (path, scope) {
+        (QRCONNECT, "snsapi_login") => OauthKind::Web,
+        (OAUTH_AUTHORIZE, "snsapi_base" | "snsapi_userinfo")
+            if cookies.get("wx_snapshot").map(String::as_str) == Some("1") =>
+        {
+            OauthKind::OaSnapshot
+        }
+        (OAUTH_AUTHORIZE, "snsapi_base") => OauthKind::Oa { userinfo: false },
+        (OAUTH_AUTHORIZE, "snsapi_userinfo") => OauthKind::Oa { userinfo: true },
+        _ => return page(StatusCode::OK, "scope 参数错误 (invalid scope)"),
+    };
+    let Some(user) = cookies
+        .get("wx_user")
+        .cloned()
+        .or_else(|| state.browser_user.clone())
+    else {
+        return page(
+            StatusCode::FORBIDDEN,
+            "No WeChat user is signed in to this browser: set the wx_user cookie or POST /__mock/browser.",
+        );
+    };
+    let mut back = form_urlencoded::Serializer::new(String::new());
+    if cookies.get("wx_decline").map(String::as_str) != Some("1") {
+        back.append_pair("code", &state.mint_oauth_code(appid, &user, kind));
+    }
+    back.append_pair("state", param("state").map_or("", String::as_str));
+    let separator = if redirect_uri.contains('?') { '&' } else { '?' };
+    let location = format!("{redirect_uri}{separator}{}", back.finish());
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::FOUND;
+    match HeaderValue::try_from(location) {
+        Ok(location) => {
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        Err(_) => page(
+            StatusCode::OK,
+            "redirect_uri 参数错误 (invalid redirect_uri)",
+        ),
+    }
 }
 
 fn stable_token(body: &Value, state: &mut State) -> Value {
@@ -707,6 +1050,7 @@ fn faulted(path: &str, fault: Fault) -> Response<Body> {
                 -1 => "system error",
                 40029 => "invalid code",
                 40163 => "code been used",
+                42003 => "code expired",
                 40226 => "high risk user, login blocked",
                 45011 => "api minute-quota reach limit  mustslower  retry next minute",
                 _ => "injected error",
@@ -742,6 +1086,36 @@ struct AppRequest {
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     appid: String,
+    user: String,
+    /// `false`: the exchange leaves unionid out although the app is bound (older accounts).
+    #[serde(default = "yes")]
+    unionid: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OauthCodeRequest {
+    appid: String,
+    user: String,
+    /// `app`, `web`, `oa` (with `scope`) or `oa_snapshot`.
+    kind: String,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppUserRequest {
+    appid: String,
+    user: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrowserRequest {
     user: String,
 }
 
@@ -815,9 +1189,13 @@ async fn control(request: Request<Incoming>, state: &Mutex<State>) -> Response<B
         (Method::POST, "/__mock/login") => match serde_json::from_slice::<LoginRequest>(&bytes) {
             Ok(r) => {
                 let (code, bound) = handle.with(|s| {
+                    let code = s.mint_code(&r.appid, &r.user);
+                    if let Some(issued) = s.codes.get_mut(&code) {
+                        issued.hide_unionid = !r.unionid;
+                    }
                     (
-                        s.mint_code(&r.appid, &r.user),
-                        s.apps.get(&r.appid).is_some_and(|a| a.bound),
+                        code,
+                        s.apps.get(&r.appid).is_some_and(|a| a.bound) && r.unionid,
                     )
                 });
                 let mut reply = json!({ "code": code, "openid": openid_of(&r.appid, &r.user) });
@@ -828,8 +1206,38 @@ async fn control(request: Request<Incoming>, state: &Mutex<State>) -> Response<B
             }
             Err(e) => control_error(&e.to_string()),
         },
+        (Method::POST, "/__mock/oauth_code") => {
+            match serde_json::from_slice::<OauthCodeRequest>(&bytes) {
+                Ok(r) => {
+                    let kind = match (r.kind.as_str(), r.scope.as_deref()) {
+                        ("app", None) => OauthKind::App,
+                        ("web", None) => OauthKind::Web,
+                        ("oa", None | Some("snsapi_userinfo")) => OauthKind::Oa { userinfo: true },
+                        ("oa", Some("snsapi_base")) => OauthKind::Oa { userinfo: false },
+                        ("oa_snapshot", None) => OauthKind::OaSnapshot,
+                        _ => {
+                            return control_error(
+                                "kind is app, web, oa (scope snsapi_userinfo or snsapi_base) or oa_snapshot",
+                            );
+                        }
+                    };
+                    let code = handle.with(|s| s.mint_oauth_code(&r.appid, &r.user, kind));
+                    body::json(StatusCode::OK, &json!({ "code": code }))
+                }
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
+        (Method::POST, "/__mock/browser") => {
+            match serde_json::from_slice::<BrowserRequest>(&bytes) {
+                Ok(r) => {
+                    handle.with(|s| s.browser_user = Some(r.user));
+                    body::json(StatusCode::OK, &json!({}))
+                }
+                Err(e) => control_error(&e.to_string()),
+            }
+        }
         (Method::POST, "/__mock/userinfo") => {
-            match serde_json::from_slice::<LoginRequest>(&bytes) {
+            match serde_json::from_slice::<AppUserRequest>(&bytes) {
                 Ok(r) => match handle.with(|s| s.user_info(&r.appid, &r.user)) {
                     Some(info) => body::json(StatusCode::OK, &json!(info)),
                     None => control_error("that user has not logged in to that app yet"),

@@ -5,6 +5,7 @@ mod forwarding;
 mod lifecycle;
 mod login;
 mod mock_wechat;
+mod oauth;
 mod open_data;
 mod phone;
 mod routing;

@@ -78,6 +78,14 @@ pub const SHOP_SECRET: &str = "shop-secret-0123456789";
 /// A second mini program, not bound: its logins carry no unionid.
 pub const LEGACY_APPID: &str = "wx2222222222222222";
 pub const LEGACY_SECRET: &str = "legacy-secret-0123456789";
+/// The company's mobile app, website and official account, all bound to the same Open Platform
+/// account as the shop mini program.
+pub const MOBILE_APPID: &str = "wx3333333333333333";
+pub const MOBILE_SECRET: &str = "mobile-secret-0123456789";
+pub const SITE_APPID: &str = "wx4444444444444444";
+pub const SITE_SECRET: &str = "site-secret-0123456789";
+pub const H5_APPID: &str = "wx5555555555555555";
+pub const H5_SECRET: &str = "h5-secret-0123456789";
 pub const SIGNING_KEY: &str = "test-signing-key-0123456789abcdef-0123";
 
 /// [`ROUTES`] plus login: the mock WeChat (`WECHAT`), one bound mini program, SQLite in `DATADIR`.
@@ -222,6 +230,13 @@ impl GateBuilder {
                 let wechat = MockWechat::start(bind().await).expect("mock WeChat starts");
                 wechat.add_app(SHOP_APPID, SHOP_SECRET, true);
                 wechat.add_app(LEGACY_APPID, LEGACY_SECRET, false);
+                for (appid, secret) in [
+                    (MOBILE_APPID, MOBILE_SECRET),
+                    (SITE_APPID, SITE_SECRET),
+                    (H5_APPID, H5_SECRET),
+                ] {
+                    wechat.add_app(appid, secret, true);
+                }
                 Arc::new(wechat)
             }
         };
@@ -230,18 +245,19 @@ impl GateBuilder {
             None => Arc::new(tempfile::tempdir().expect("temporary directory")),
         };
         let upstream = self.upstream.unwrap_or_else(|| backend.url());
-        let text = self
-            .toml
-            .replace("UPSTREAM", &upstream)
-            .replace("WECHAT", &wechat.url())
-            .replace("DATADIR", data.path().to_str().expect("utf-8 temp path"));
-        let config = Config::parse("test.toml", &text, &|_| None).expect("test config is valid");
         let listeners = Listeners {
             main: bind().await,
             admin: bind().await,
         };
         let addr = listeners.main.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
+        let text = self
+            .toml
+            .replace("GATEURL", &format!("http://{addr}"))
+            .replace("UPSTREAM", &upstream)
+            .replace("WECHAT", &wechat.url())
+            .replace("DATADIR", data.path().to_str().expect("utf-8 temp path"));
+        let config = Config::parse("test.toml", &text, &|_| None).expect("test config is valid");
         let mut server = Server::new(config).await.expect("server starts");
         if self.fixed_tokens {
             server = server.with_authenticator(Arc::new(TestAuthenticator));
