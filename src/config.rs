@@ -1540,6 +1540,38 @@ mod tests {
                 "[[routes]]\nprefix = \"/x\"\nauth = \"public\"\nname = \"n\"\n[[routes]]\nprefix = \"/y\"\nauth = \"public\"\nname = \"n\"\n",
                 "routes[1].name: \"n\" already names the route for \"/x\"",
             ),
+            (
+                "[wechat]\nopen_base = \"open.weixin.qq.com\"\n",
+                "wechat.open_base: \"open.weixin.qq.com\" is not a base URL",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"web\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\nscope = \"snsapi_base\"\n",
+                "apps[0].scope: applies only to kind = \"oa\"",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"oa\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\nscope = \"snsapi_login\"\n",
+                "apps[0].scope: \"snsapi_login\" is not an official-account scope",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"oa\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\nscope = \"snsapi_base\"\nfetch_userinfo = true\n",
+                "apps[0].fetch_userinfo: needs an OAuth app with a user-info scope",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"miniprogram\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\npublic_url = \"https://m.example.com\"\n",
+                "apps[0].public_url: applies only to kind = \"web\" or \"oa\"",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"oa\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\npublic_url = \"http://m.example.com\"\n",
+                "apps[0].public_url: \"http://m.example.com\" is not an origin",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\nkind = \"oa\"\nappid = \"wx0123456789abcdef\"\nsecret = \"s\"\npublic_url = \"https://m.example.com/h5\"\n",
+                "apps[0].public_url: \"https://m.example.com/h5\" is not an origin",
+            ),
+            (
+                "[[routes]]\nprefix = \"/h5/\"\nauth = \"required\"\nbrowser_login = \"h5\"\n",
+                "routes[0].browser_login: \"h5\" is not a configured app of kind \"web\" or \"oa\" with a public_url",
+            ),
         ];
         for (section, expected) in cases {
             let err = error(&format!("{MINIMAL}{section}"));
@@ -1549,6 +1581,26 @@ mod tests {
             );
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn oauth_apps_get_their_scopes_and_browser_routes_their_login() {
+        let config = parse(&format!(
+            "{MINIMAL}[wechat]\nopen_base = \"http://127.0.0.1:9/\"\n[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"wx0123456789abcde1\"\nsecret = \"s\"\nfetch_userinfo = true\n[[apps]]\nname = \"site\"\nkind = \"web\"\nappid = \"wx0123456789abcde2\"\nsecret = \"s\"\npublic_url = \"https://www.example.com/\"\n[[apps]]\nname = \"h5\"\nkind = \"oa\"\nappid = \"wx0123456789abcde3\"\nsecret = \"s\"\nscope = \"snsapi_base\"\npublic_url = \"https://m.example.com\"\n[session]\nsigning_key = \"signing-key-signing-key-signing-key!\"\n[[routes]]\nprefix = \"/h5/\"\nauth = \"required\"\nbrowser_login = \"h5\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.wechat.open_base, "http://127.0.0.1:9");
+        let scopes: Vec<&str> = config.apps.iter().map(|a| a.scope).collect();
+        assert_eq!(scopes, ["snsapi_userinfo", "snsapi_login", "snsapi_base"]);
+        assert!(config.apps[0].fetch_userinfo);
+        assert_eq!(
+            config.apps[1].public_url.as_deref(),
+            Some("https://www.example.com")
+        );
+        assert_eq!(
+            config.routes.routes()[0].browser_login.as_deref(),
+            Some("/auth/oauth/h5/start")
+        );
     }
 
     #[test]

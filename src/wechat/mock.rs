@@ -489,6 +489,12 @@ impl MockWechat {
         self.state().mint_oauth_code(appid, user, kind)
     }
 
+    /// Every user access token `sns/oauth2/access_token` has handed out (for tests that check they
+    /// never leak).
+    pub fn user_access_tokens(&self) -> Vec<String> {
+        self.state().user_tokens.keys().cloned().collect()
+    }
+
     /// The WeChat user that browsers without a `wx_user` cookie are signed in as on the authorize
     /// pages.
     pub fn set_browser_user(&self, user: &str) {

@@ -6,7 +6,10 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
-use wxgate::wechat::mock::{Fault, JSCODE2SESSION, MockWechat, openid_of, unionid_of};
+use wxgate::wechat::mock::{
+    Fault, JSCODE2SESSION, MockWechat, OAUTH_ACCESS_TOKEN, OAUTH_AUTHORIZE, OauthKind, QRCONNECT,
+    SNS_AUTH, SNS_USERINFO, openid_of, unionid_of,
+};
 
 use crate::support::*;
 
@@ -420,4 +423,254 @@ async fn checksession_and_resetusersessionkey_follow_the_session_key() {
         "the old key died"
     );
     assert_eq!(errcode(&ask("/wxa/checksession", fresh).await), 0);
+}
+
+async fn oauth_exchange(wechat: &MockWechat, appid: &str, secret: &str, code: &str) -> Reply {
+    let url = format!(
+        "{}/sns/oauth2/access_token?appid={appid}&secret={secret}&code={code}&grant_type=authorization_code",
+        wechat.url()
+    );
+    Http::h1().get(&url, &[]).await
+}
+
+#[tokio::test]
+async fn oauth_codes_have_the_lifetime_scope_and_unionid_of_their_kind() {
+    let wechat = mock().await;
+    for (kind, scope, unionid) in [
+        (OauthKind::App, "snsapi_userinfo", true),
+        (OauthKind::Web, "snsapi_login", true),
+        (OauthKind::Oa { userinfo: true }, "snsapi_userinfo", true),
+        (OauthKind::Oa { userinfo: false }, "snsapi_base", false),
+    ] {
+        let code = wechat.oauth_code(APP, "olga", kind);
+        let reply = oauth_exchange(&wechat, APP, SECRET, &code).await;
+        assert_eq!(reply.headers["content-type"], "text/plain");
+        let body = reply.json();
+        assert!(body.get("errcode").is_none(), "{kind:?}: {body}");
+        assert_eq!(body["openid"], openid_of(APP, "olga").as_str());
+        assert_eq!(body["scope"], scope);
+        assert_eq!(body["expires_in"], 7200);
+        assert!(body["access_token"].is_string() && body["refresh_token"].is_string());
+        assert_eq!(body.get("unionid").is_some(), unionid, "{kind:?}");
+        assert!(body.get("is_snapshotuser").is_none());
+        let again = oauth_exchange(&wechat, APP, SECRET, &code).await;
+        assert_eq!(errcode(&again), 40163, "{kind:?}: single use");
+    }
+
+    // App and website codes live 10 minutes, official-account ones 5.
+    let app = wechat.oauth_code(APP, "olga", OauthKind::App);
+    let web = wechat.oauth_code(APP, "olga", OauthKind::Web);
+    let oa = wechat.oauth_code(APP, "olga", OauthKind::Oa { userinfo: true });
+    let app_late = wechat.oauth_code(APP, "olga", OauthKind::App);
+    wechat.advance(Duration::from_secs(5 * 60 + 1));
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &oa).await),
+        42003
+    );
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &app).await),
+        0
+    );
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &web).await),
+        0
+    );
+    wechat.advance(Duration::from_secs(5 * 60));
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &app_late).await),
+        42003
+    );
+
+    // The other errors of the OAuth section.
+    let code = wechat.oauth_code(APP, "olga", OauthKind::App);
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, "wrong", &code).await),
+        40125
+    );
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, "wx0000000000000000", SECRET, &code).await),
+        40013
+    );
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, "nope").await),
+        40029
+    );
+    let bad_grant = Http::h1()
+        .get(
+            &format!(
+                "{}/sns/oauth2/access_token?appid={APP}&secret={SECRET}&code={code}&grant_type=x",
+                wechat.url()
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(errcode(&bad_grant), 40002);
+    wechat.fail_next(OAUTH_ACCESS_TOKEN, Fault::Errcode(-1), 1);
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &code).await),
+        -1
+    );
+    // None of the refusals consumed the code.
+    assert_eq!(
+        errcode(&oauth_exchange(&wechat, APP, SECRET, &code).await),
+        0
+    );
+}
+
+#[tokio::test]
+async fn snapshot_users_get_a_virtual_openid_and_no_unionid() {
+    let wechat = mock().await;
+    let mut openids = Vec::new();
+    for _ in 0..2 {
+        let code = wechat.oauth_code(APP, "sam", OauthKind::OaSnapshot);
+        let body = oauth_exchange(&wechat, APP, SECRET, &code).await.json();
+        assert_eq!(body["is_snapshotuser"], 1);
+        assert!(body.get("unionid").is_none());
+        assert_ne!(body["openid"], openid_of(APP, "sam").as_str());
+        openids.push(body["openid"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(openids[0], openids[1], "virtual ids identify nobody");
+}
+
+#[tokio::test]
+async fn sns_userinfo_and_sns_auth_need_the_users_token_and_scope() {
+    let wechat = mock().await;
+    let token_of = |body: Value| {
+        (
+            body["access_token"].as_str().unwrap().to_owned(),
+            body["openid"].as_str().unwrap().to_owned(),
+        )
+    };
+    let code = wechat.oauth_code(APP, "nina", OauthKind::Web);
+    let (token, openid) = token_of(oauth_exchange(&wechat, APP, SECRET, &code).await.json());
+    let get = |path: &str, token: &str, openid: &str| {
+        let url = format!(
+            "{}{path}?access_token={token}&openid={openid}",
+            wechat.url()
+        );
+        async move { Http::h1().get(&url, &[]).await }
+    };
+    let user = get(SNS_USERINFO, &token, &openid).await.json();
+    assert_eq!(user["nickname"], "nina");
+    assert_eq!(user["unionid"], unionid_of("nina").as_str());
+    assert!(user["headimgurl"].as_str().unwrap().starts_with("https://"));
+    assert_eq!(get(SNS_AUTH, &token, &openid).await.json()["errcode"], 0);
+    assert_eq!(errcode(&get(SNS_USERINFO, "nope", &openid).await), 40001);
+    assert_eq!(errcode(&get(SNS_USERINFO, &token, "other").await), 40003);
+
+    let code = wechat.oauth_code(APP, "nina", OauthKind::Oa { userinfo: false });
+    let (base, openid) = token_of(oauth_exchange(&wechat, APP, SECRET, &code).await.json());
+    assert_eq!(errcode(&get(SNS_USERINFO, &base, &openid).await), 48001);
+    wechat.advance(Duration::from_secs(7201));
+    assert_eq!(
+        errcode(&get(SNS_AUTH, &token, &openid).await),
+        42001,
+        "expired"
+    );
+    assert_eq!(errcode(&get(SNS_USERINFO, &base, &openid).await), 42001);
+}
+
+#[tokio::test]
+async fn authorize_pages_send_the_browser_back_with_a_code_and_the_state() {
+    let wechat = mock().await;
+    let http = Http::h1();
+    let page = |path: &str, scope: &str| {
+        format!(
+            "{}{path}?appid={APP}&redirect_uri=https%3A%2F%2Fm.example.com%2Fcb%3Fx%3D1&response_type=code&scope={scope}&state=s-1",
+            wechat.url()
+        )
+    };
+    // Nobody is signed in to WeChat in this browser yet.
+    let anonymous = http.get(&page(OAUTH_AUTHORIZE, "snsapi_base"), &[]).await;
+    assert_eq!(anonymous.status, 403);
+
+    let back = http
+        .get(
+            &page(QRCONNECT, "snsapi_login"),
+            &[("cookie", "wx_user=lena")],
+        )
+        .await;
+    assert_eq!(back.status, 302);
+    let location = back.headers["location"].to_str().unwrap();
+    assert!(
+        location.starts_with("https://m.example.com/cb?x=1&code="),
+        "{location}"
+    );
+    assert!(location.ends_with("&state=s-1"), "{location}");
+    let code = location
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("code="))
+        .unwrap();
+    let body = oauth_exchange(&wechat, APP, SECRET, code).await.json();
+    assert_eq!(body["scope"], "snsapi_login");
+    assert_eq!(body["openid"], openid_of(APP, "lena").as_str());
+
+    wechat.set_browser_user("lena");
+    let base = http.get(&page(OAUTH_AUTHORIZE, "snsapi_base"), &[]).await;
+    assert_eq!(base.status, 302, "the default browser user");
+    let declined = http
+        .get(
+            &page(OAUTH_AUTHORIZE, "snsapi_userinfo"),
+            &[("cookie", "wx_decline=1")],
+        )
+        .await;
+    assert_eq!(
+        declined.headers["location"],
+        "https://m.example.com/cb?x=1&state=s-1"
+    );
+    // Wrong scope for the page, or an unknown appid: an error page, no redirect.
+    for url in [
+        page(QRCONNECT, "snsapi_base"),
+        page(OAUTH_AUTHORIZE, "snsapi_login"),
+        page(OAUTH_AUTHORIZE, "snsapi_base").replace(APP, "wx0000000000000000"),
+    ] {
+        let reply = http.get(&url, &[]).await;
+        assert!(reply.headers.get("location").is_none(), "{url}");
+    }
+}
+
+#[tokio::test]
+async fn the_http_control_api_mints_oauth_codes_and_hides_unionids() {
+    let wechat = mock().await;
+    let code = post(
+        &wechat,
+        "/__mock/oauth_code",
+        json!({ "appid": APP, "user": "ugo", "kind": "oa", "scope": "snsapi_base" }),
+    )
+    .await
+    .json()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = oauth_exchange(&wechat, APP, SECRET, &code).await.json();
+    assert_eq!(body["scope"], "snsapi_base");
+    let bad = post(
+        &wechat,
+        "/__mock/oauth_code",
+        json!({ "appid": APP, "user": "ugo", "kind": "web", "scope": "snsapi_base" }),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+
+    let login = post(
+        &wechat,
+        "/__mock/login",
+        json!({ "appid": APP, "user": "ugo", "unionid": false }),
+    )
+    .await
+    .json();
+    assert!(login.get("unionid").is_none());
+    let exchanged = exchange(&wechat, APP, SECRET, login["code"].as_str().unwrap())
+        .await
+        .json();
+    assert!(
+        exchanged.get("unionid").is_none(),
+        "a bound app, an older account"
+    );
+    assert_eq!(
+        post(&wechat, "/__mock/browser", json!({ "user": "ugo" }))
+            .await
+            .status,
+        200
+    );
 }

@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 use wxgate::sample_backend::{Options, SampleBackend};
-use wxgate::wechat::mock::{Fault, JSCODE2SESSION, MockWechat, openid_of};
+use wxgate::wechat::mock::{Fault, JSCODE2SESSION, MockWechat, OauthKind, openid_of};
 
 use crate::support::*;
 
@@ -19,6 +19,8 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
     let backend = SampleBackend::start(bind().await, Options::default()).unwrap();
     let wechat = MockWechat::start(bind().await).unwrap();
     wechat.add_app(SHOP_APPID, SHOP_SECRET, true);
+    wechat.add_app(MOBILE_APPID, MOBILE_SECRET, true);
+    wechat.add_app(H5_APPID, H5_SECRET, true);
     let data = tempfile::tempdir().unwrap();
     let (main, admin) = (bind().await, bind().await);
     let (addr, admin_addr) = (main.local_addr().unwrap(), admin.local_addr().unwrap());
@@ -27,6 +29,16 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
         .replace("UPSTREAM", &backend.url())
         .replace("WECHAT", &wechat.url())
         .replace("DATADIR", data.path().to_str().unwrap())
+        .replace(
+            "[identity]",
+            &format!(
+                "[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"{MOBILE_APPID}\"\nsecret = \"{MOBILE_SECRET}\"\nfetch_userinfo = true\n\n[[apps]]\nname = \"h5\"\nkind = \"oa\"\nappid = \"{H5_APPID}\"\nsecret = \"{H5_SECRET}\"\npublic_url = \"http://{addr}\"\n\n[identity]"
+            ),
+        )
+        .replace(
+            "[wechat]",
+            &format!("[wechat]\nopen_base = \"{}\"", wechat.url()),
+        )
         .replace(
             "[upstream]",
             &format!(
@@ -70,7 +82,62 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
             .await
         }
     };
-    let mut secrets = vec![SHOP_SECRET.to_owned(), SIGNING_KEY.to_owned()];
+    let mut secrets = vec![
+        SHOP_SECRET.to_owned(),
+        MOBILE_SECRET.to_owned(),
+        H5_SECRET.to_owned(),
+        SIGNING_KEY.to_owned(),
+    ];
+
+    // The mobile app's OAuth login, with the profile fetched by the user access token.
+    let code = wechat.oauth_code(MOBILE_APPID, "nina", OauthKind::App);
+    secrets.push(code.clone());
+    let app_login = post(
+        "/auth/oauth/login",
+        json!({ "app": "mobile", "code": code }),
+        None,
+    )
+    .await;
+    assert_eq!(app_login.status, 200);
+    for key in ["access_token", "refresh_token"] {
+        secrets.push(app_login.json()[key].as_str().unwrap().to_owned());
+    }
+    // The official account's browser flow: the state, its binding cookie, the code and the session
+    // cookie all pass through wxgate.
+    let start = http
+        .get(
+            &format!("http://{addr}/auth/oauth/h5/start?return_to=/api/me"),
+            &[],
+        )
+        .await;
+    assert_eq!(start.status, 302);
+    let binding = start.headers["set-cookie"].to_str().unwrap();
+    let binding = binding.split(';').next().unwrap().to_owned();
+    let to_wechat = start.headers["location"].to_str().unwrap();
+    let back = http
+        .get(
+            to_wechat.split('#').next().unwrap(),
+            &[("cookie", "wx_user=nina")],
+        )
+        .await;
+    let callback = back.headers["location"].to_str().unwrap().to_owned();
+    for param in callback.split(['?', '&']).skip(1) {
+        secrets.push(param.split_once('=').unwrap().1.to_owned());
+    }
+    secrets.push(binding.split_once('=').unwrap().1.to_owned());
+    let done = http.get(&callback, &[("cookie", &binding)]).await;
+    assert_eq!(done.status, 302);
+    let session_cookie = done.headers["set-cookie"].to_str().unwrap();
+    let session_cookie = session_cookie.split(';').next().unwrap().to_owned();
+    secrets.push(session_cookie.split_once('=').unwrap().1.to_owned());
+    let page = http
+        .get(
+            &format!("http://{addr}/api/me"),
+            &[("cookie", &session_cookie)],
+        )
+        .await;
+    assert_eq!(page.status, 200);
+    secrets.extend(wechat.user_access_tokens());
 
     let code = wechat.login_code(SHOP_APPID, "nina");
     secrets.push(code.clone());
