@@ -20,11 +20,13 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use wxgate::body::{self, Body};
 use wxgate::sample_backend::{Options, SampleBackend};
-use wxgate::wechat::mock::MockWechat;
+use wxgate::wechat::mock::{MockWechat, OauthKind};
 use wxgate::{Config, Listeners, Server};
 
 const APPID: &str = "wx0123456789abcdef";
 const SECRET: &str = "demo-app-secret";
+const MOBILE_APPID: &str = "wx00000000000000a1";
+const MOBILE_SECRET: &str = "demo-mobile-secret";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -33,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         SampleBackend::start(TcpListener::bind("127.0.0.1:0").await?, Options::default())?;
     let wechat = MockWechat::start(TcpListener::bind("127.0.0.1:0").await?)?;
     wechat.add_app(APPID, SECRET, true);
+    wechat.add_app(MOBILE_APPID, MOBILE_SECRET, true);
     let data = tempfile::tempdir()?;
 
     // The shipped config.toml, with the values it reads from the environment supplied here.
@@ -48,7 +51,12 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
-    let config = Config::parse("config.toml", &std::fs::read_to_string(path)?, &env)?;
+    // The company's mobile app too (commented out in config.toml, which ships with the mini program only).
+    let text = std::fs::read_to_string(path)?
+        + &format!(
+            "\n[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"{MOBILE_APPID}\"\nsecret = \"{MOBILE_SECRET}\"\n"
+        );
+    let config = Config::parse("config.toml", &text, &env)?;
     // --serve listens where examples/miniprogram/api.js looks for it; the scripted run takes any port.
     let main_addr = if serve {
         "127.0.0.1:8080"
@@ -205,6 +213,19 @@ async fn main() -> anyhow::Result<()> {
         "/api/orders",
         &[("Authorization", &bearer)],
         None,
+    )
+    .await?;
+
+    step(
+        10,
+        "The same person opens the company's mobile app (WeChat SDK SendAuth): the same user_id",
+    );
+    let code = wechat.oauth_code(MOBILE_APPID, "demo-user", OauthKind::App);
+    app.call(
+        Method::POST,
+        "/auth/oauth/login",
+        &[],
+        Some(json!({ "app": "mobile", "code": code })),
     )
     .await?;
 
