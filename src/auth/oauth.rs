@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::login::{login_error, looks_like_code};
-use super::service::{App, AuthService, NewSession, no_store};
+use super::service::{App, AppChoice, AuthService, NewSession, no_store};
 use crate::body::{self, Body};
 use crate::config::{AppKind, Secret};
 use crate::error::Error;
@@ -180,21 +180,15 @@ fn redirect(location: &str) -> Result<Response<Body>, Error> {
 impl AuthService {
     /// The OAuth app a request names, or the only one configured.
     fn oauth_app(&self, name: Option<&str>) -> Result<&App, Error> {
-        let mut candidates = self.apps.iter().filter(|a| {
-            a.config.kind != AppKind::MiniProgram && name.is_none_or(|n| n == &*a.name)
-        });
-        match (candidates.next(), candidates.next(), name) {
-            (Some(app), None, _) => Ok(app),
-            (None, _, Some(_)) => Err(Error::BadRequest(
-                "The \"app\" named is not a configured app of kind app, web or oa.",
-            )),
-            (None, _, None) => Err(Error::BadRequest(
-                "No app of kind app, web or oa is configured on this gateway.",
-            )),
-            (Some(_), Some(_), _) => Err(Error::BadRequest(
-                "Several OAuth apps are configured; name one with \"app\".",
-            )),
-        }
+        self.select_app(
+            name,
+            |kind| kind != AppKind::MiniProgram,
+            AppChoice {
+                unknown: "The \"app\" named is not a configured app of kind app, web or oa.",
+                none: "No app of kind app, web or oa is configured on this gateway.",
+                several: "Several OAuth apps are configured; name one with \"app\".",
+            },
+        )
     }
 
     /// A browser app (`web` or `oa` with a `public_url`) by its name in the path.

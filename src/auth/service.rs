@@ -77,6 +77,16 @@ pub struct AuthService {
     pub(super) open_base: String,
 }
 
+/// What to tell a client whose login names no usable app.
+pub(super) struct AppChoice {
+    /// The name matches no app of the kinds served.
+    pub unknown: &'static str,
+    /// No app of those kinds is configured.
+    pub none: &'static str,
+    /// Several are, and the client named none.
+    pub several: &'static str,
+}
+
 /// Where a request's credentials came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -217,20 +227,33 @@ impl AuthService {
 
     /// The mini program a login is for: the one named, or the only one configured.
     pub(super) fn mini_program(&self, name: Option<&str>) -> Result<&App, Error> {
-        let mut candidates = self.apps.iter().filter(|a| {
-            a.config.kind == AppKind::MiniProgram && name.is_none_or(|n| n == &*a.name)
-        });
+        self.select_app(
+            name,
+            |kind| kind == AppKind::MiniProgram,
+            AppChoice {
+                unknown: "The \"app\" named is not a configured mini program.",
+                none: "No mini program is configured on this gateway.",
+                several: "Several mini programs are configured; name one with \"app\".",
+            },
+        )
+    }
+
+    /// The app of a kind that `fits` a login is for: the one `name`d, or the only one that fits.
+    pub(super) fn select_app(
+        &self,
+        name: Option<&str>,
+        fits: fn(AppKind) -> bool,
+        messages: AppChoice,
+    ) -> Result<&App, Error> {
+        let mut candidates = self
+            .apps
+            .iter()
+            .filter(|a| fits(a.config.kind) && name.is_none_or(|n| n == &*a.name));
         match (candidates.next(), candidates.next(), name) {
             (Some(app), None, _) => Ok(app),
-            (None, _, Some(_)) => Err(Error::BadRequest(
-                "The \"app\" named is not a configured mini program.",
-            )),
-            (None, _, None) => Err(Error::BadRequest(
-                "No mini program is configured on this gateway.",
-            )),
-            (Some(_), Some(_), _) => Err(Error::BadRequest(
-                "Several mini programs are configured; name one with \"app\".",
-            )),
+            (None, _, Some(_)) => Err(Error::BadRequest(messages.unknown)),
+            (None, _, None) => Err(Error::BadRequest(messages.none)),
+            (Some(_), Some(_), _) => Err(Error::BadRequest(messages.several)),
         }
     }
 

@@ -645,26 +645,36 @@ fn errcode(code: i64, message: &str) -> Value {
     json!({ "errcode": code, "errmsg": format!("{message}, rid: {}", rid()) })
 }
 
-fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
+/// The checks both code exchanges make before looking at the code: every parameter present, the
+/// grant type, the app and its secret. Returns (appid, code, app).
+fn code_request<'q>(
+    query: &'q HashMap<String, String>,
+    code_param: &str,
+    state: &State,
+) -> Result<(&'q String, &'q String, App), Value> {
     let param = |name: &str| query.get(name).filter(|v| !v.is_empty());
-    let Some(appid) = param("appid") else {
-        return errcode(41002, "appid missing");
-    };
-    let Some(secret) = param("secret") else {
-        return errcode(41004, "appsecret missing");
-    };
-    let Some(code) = param("js_code") else {
-        return errcode(41008, "missing code");
-    };
+    let appid = param("appid").ok_or_else(|| errcode(41002, "appid missing"))?;
+    let secret = param("secret").ok_or_else(|| errcode(41004, "appsecret missing"))?;
+    let code = param(code_param).ok_or_else(|| errcode(41008, "missing code"))?;
     if param("grant_type").map(String::as_str) != Some("authorization_code") {
-        return errcode(40002, "invalid grant_type");
+        return Err(errcode(40002, "invalid grant_type"));
     }
-    let Some(app) = state.apps.get(appid).cloned() else {
-        return errcode(40013, "invalid appid");
-    };
+    let app = state
+        .apps
+        .get(appid)
+        .cloned()
+        .ok_or_else(|| errcode(40013, "invalid appid"))?;
     if app.secret != *secret {
-        return errcode(40125, "invalid appsecret");
+        return Err(errcode(40125, "invalid appsecret"));
     }
+    Ok((appid, code, app))
+}
+
+fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
+    let (appid, code, app) = match code_request(query, "js_code", state) {
+        Ok(checked) => checked,
+        Err(reply) => return reply,
+    };
     let now = state.now();
     if state.any_code && !state.codes.contains_key(code.as_str()) && code.len() >= 2 {
         // Benchmark mode: an unknown code is a fresh wx.login() of the user named by its first two
@@ -710,25 +720,10 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
 }
 
 fn oauth_access_token(query: &HashMap<String, String>, state: &mut State) -> Value {
-    let param = |name: &str| query.get(name).filter(|v| !v.is_empty());
-    let Some(appid) = param("appid") else {
-        return errcode(41002, "appid missing");
+    let (appid, code, app) = match code_request(query, "code", state) {
+        Ok(checked) => checked,
+        Err(reply) => return reply,
     };
-    let Some(secret) = param("secret") else {
-        return errcode(41004, "appsecret missing");
-    };
-    let Some(code) = param("code") else {
-        return errcode(41008, "missing code");
-    };
-    if param("grant_type").map(String::as_str) != Some("authorization_code") {
-        return errcode(40002, "invalid grant_type");
-    }
-    let Some(app) = state.apps.get(appid).cloned() else {
-        return errcode(40013, "invalid appid");
-    };
-    if app.secret != *secret {
-        return errcode(40125, "invalid appsecret");
-    }
     let now = state.now();
     let Some(issued) = state.oauth_codes.get_mut(code.as_str()) else {
         return errcode(40029, "invalid code");
