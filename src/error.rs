@@ -94,6 +94,9 @@ pub enum Error {
     /// A state-changing request authenticated by the session cookie from another origin.
     #[error("cross-origin request with the session cookie")]
     CrossOrigin,
+    /// `/auth/verify` asked by a peer that is not in `server.trusted_proxies`.
+    #[error("forward-auth request from an untrusted peer")]
+    UntrustedProxy,
     /// A bug: a panic or a broken invariant. The client learns nothing more.
     #[error("internal error: {0}")]
     Internal(String),
@@ -128,9 +131,10 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::InvalidState | Error::BadReturnTo => StatusCode::BAD_REQUEST,
-            Error::LoginDeclined | Error::SnapshotUser | Error::CrossOrigin => {
-                StatusCode::FORBIDDEN
-            }
+            Error::LoginDeclined
+            | Error::SnapshotUser
+            | Error::CrossOrigin
+            | Error::UntrustedProxy => StatusCode::FORBIDDEN,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,6 +168,7 @@ impl Error {
             Error::SnapshotUser => "snapshot_user",
             Error::BadReturnTo => "invalid_return_to",
             Error::CrossOrigin => "cross_origin",
+            Error::UntrustedProxy => "untrusted_proxy",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -244,6 +249,9 @@ impl Error {
             }
             Error::CrossOrigin => {
                 "A request from another origin cannot use the session cookie; send the access token instead."
+            }
+            Error::UntrustedProxy => {
+                "Forward authentication answers only the proxies listed in server.trusted_proxies."
             }
             Error::Internal(_) => "Internal error.",
         }

@@ -55,6 +55,8 @@ struct Labels {
     /// `auth` for unknown paths under the prefix; `auth_login`, `auth_refresh`, ... for the endpoints.
     auth: Arc<str>,
     auth_endpoints: Vec<(&'static str, Arc<str>)>,
+    /// `/auth/verify`, however much original path follows it.
+    verify: Arc<str>,
 }
 
 impl Labels {
@@ -109,6 +111,7 @@ impl Gateway {
                 .into_iter()
                 .map(|(path, label)| (path, Arc::from(label)))
                 .collect(),
+                verify: Arc::from("auth_verify"),
             },
             browser_origins: config
                 .apps
@@ -211,6 +214,12 @@ impl Gateway {
 
         if routes::has_prefix(&path, &self.auth_prefix) {
             let rest = &path[self.auth_prefix.len()..];
+            if let Some(original) = rest.strip_prefix("/verify")
+                && (original.is_empty() || original.starts_with('/'))
+            {
+                let original = original.to_owned();
+                return self.verify(&original, path, request, client).await;
+            }
             let result = match &self.auth {
                 Some(auth) => auth.endpoint(rest, request).await,
                 None => Err(Error::NotFound),
@@ -226,24 +235,9 @@ impl Gateway {
 
         let route = self.routes.matching(request.method(), &path);
         let (mut parts, incoming) = request.into_parts();
-        let identity: Option<Identity> = match route.policy {
-            Policy::Public => None,
-            Policy::Optional | Policy::Required => {
-                let via = credential(&parts.headers).map(|(_, via)| via);
-                if via == Some(Via::Cookie)
-                    && !is_safe(&parts.method)
-                    && !self.origin_allowed(&parts.headers)
-                {
-                    return Outcome::failed(route.name.clone(), Some(path), Error::CrossOrigin);
-                }
-                match self.authenticator.authenticate(&parts.headers).await {
-                    Ok(None) if route.policy == Policy::Required => {
-                        return self.refused(route, path, &parts, Error::LoginRequired, via);
-                    }
-                    Ok(identity) => identity,
-                    Err(e) => return self.refused(route, path, &parts, e, via),
-                }
-            }
+        let identity = match self.decide(route, &parts.method, &parts.headers).await {
+            Ok(identity) => identity,
+            Err((e, via)) => return self.refused(route, path, &parts, e, via),
         };
 
         // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
@@ -274,6 +268,127 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Who a request to `route` comes from, as its policy demands: `Ok(None)` is an anonymous request
+    /// the route lets through; `Err` says why it is refused and where the refused credential came from.
+    async fn decide(
+        &self,
+        route: &crate::routes::Route,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<Option<Identity>, (Error, Option<Via>)> {
+        if route.policy == Policy::Public {
+            return Ok(None);
+        }
+        let via = credential(headers).map(|(_, via)| via);
+        if via == Some(Via::Cookie) && !is_safe(method) && !self.origin_allowed(headers) {
+            return Err((Error::CrossOrigin, via));
+        }
+        match self.authenticator.authenticate(headers).await {
+            Ok(None) if route.policy == Policy::Required => Err((Error::LoginRequired, via)),
+            Ok(identity) => Ok(identity),
+            Err(e) => Err((e, via)),
+        }
+    }
+
+    /// Forward authentication (`/auth/verify`): judges the request a front proxy (nginx
+    /// `auth_request`, Traefik `ForwardAuth`, Envoy `ext_authz`) is about to pass, by the same route
+    /// policy, and answers 200 with the identity headers or the refusal.
+    ///
+    /// The original method and URI come from `X-Forwarded-Method`/`X-Original-Method` and
+    /// `X-Forwarded-Uri`/`X-Original-URI`, or, for Envoy (which appends the original path to this
+    /// one), from this request's method and the path after `/verify`. Only peers in
+    /// `server.trusted_proxies` are answered. Refusals other than 401 are answered 403 (with the
+    /// precise code in the body), because nginx turns any other status into a 500.
+    async fn verify(
+        &self,
+        original_path: &str,
+        path: String,
+        request: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Outcome {
+        let label = self.labels.verify.clone();
+        let judged = self.judge(original_path, &request, client).await;
+        let user_id = judged
+            .as_ref()
+            .ok()
+            .and_then(|identity| identity.as_ref().map(|i| i.user_id.clone()));
+        let result = match judged {
+            Ok(identity) => {
+                let mut response = Response::new(body::empty());
+                match identity.map(|i| self.headers.insert_identity(response.headers_mut(), &i)) {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(response),
+                }
+            }
+            Err(e) => {
+                let mut response = error::respond(e, &self.metrics);
+                let status = response.status();
+                if status.is_client_error()
+                    && status != StatusCode::UNAUTHORIZED
+                    && status != StatusCode::FORBIDDEN
+                {
+                    *response.status_mut() = StatusCode::FORBIDDEN;
+                }
+                Ok(response)
+            }
+        };
+        Outcome {
+            route: label,
+            path: Some(path),
+            user_id,
+            result,
+            clear_cookie: false,
+        }
+    }
+
+    async fn judge(
+        &self,
+        original_path: &str,
+        request: &Request<Incoming>,
+        client: ClientInfo,
+    ) -> Result<Option<Identity>, Error> {
+        if !self.headers.is_trusted(client.peer) {
+            return Err(Error::UntrustedProxy);
+        }
+        let headers = request.headers();
+        let first = |names: [&str; 2]| {
+            names
+                .iter()
+                .find_map(|name| headers.get(*name))
+                .and_then(|v| v.to_str().ok())
+        };
+        let method = match first(["x-forwarded-method", "x-original-method"]) {
+            Some(m) => Method::from_bytes(m.trim().as_bytes())
+                .map_err(|_| Error::BadRequest(VERIFY_EXPECTED))?,
+            None => request.method().clone(),
+        };
+        let uri: http::Uri = match first(["x-forwarded-uri", "x-original-uri"]) {
+            Some(uri) => uri
+                .parse()
+                .map_err(|_| Error::BadRequest(VERIFY_EXPECTED))?,
+            None if !original_path.is_empty() => {
+                let mut envoy = original_path.to_owned();
+                if let Some(query) = request.uri().query() {
+                    envoy.push('?');
+                    envoy.push_str(query);
+                }
+                envoy
+                    .parse()
+                    .map_err(|_| Error::BadRequest(VERIFY_EXPECTED))?
+            }
+            None => return Err(Error::BadRequest(VERIFY_EXPECTED)),
+        };
+        let path = routes::normalize_path(uri.path(), self.allow_encoded_slashes)?;
+        // wxgate's own endpoints are open to everyone.
+        if routes::has_prefix(&path, &self.auth_prefix) {
+            return Ok(None);
+        }
+        let route = self.routes.matching(&method, &path);
+        self.decide(route, &method, headers)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
     /// The answer to a request its route refuses for want of a valid identity: a redirect to the
     /// route's browser login for a page request, else the error (401 for credential errors). A
     /// refused session cookie is cleared either way.
@@ -322,6 +437,8 @@ impl Gateway {
         }
     }
 }
+
+const VERIFY_EXPECTED: &str = "Send the original request's method and URI in X-Forwarded-Method and X-Forwarded-Uri (or X-Original-Method and X-Original-URI).";
 
 /// Methods that must not change state (RFC 9110 §9.2.1), so need no cross-origin check.
 fn is_safe(method: &Method) -> bool {

@@ -199,7 +199,12 @@ impl HeaderRules {
         }
     }
 
-    fn insert_identity(&self, headers: &mut HeaderMap, identity: &Identity) -> Result<(), Error> {
+    /// Writes the identity headers (replacing any of the same name).
+    pub fn insert_identity(
+        &self,
+        headers: &mut HeaderMap,
+        identity: &Identity,
+    ) -> Result<(), Error> {
         let value = |v: &str| {
             HeaderValue::try_from(v)
                 .map_err(|_| Error::Internal("identity value is not a valid header value".into()))

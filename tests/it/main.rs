@@ -1,10 +1,12 @@
 //! Integration tests: a sample backend and wxgate on 127.0.0.1:0, talking over real sockets.
 
 mod admin;
+mod forward_auth;
 mod forwarding;
 mod lifecycle;
 mod login;
 mod mock_wechat;
+mod nginx;
 mod oauth;
 mod open_data;
 mod phone;
