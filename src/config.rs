@@ -119,6 +119,9 @@ pub struct FileConfig {
     /// Route policies, first match wins; a path that matches none is `required`.
     #[serde(default)]
     pub routes: Vec<FileRoute>,
+    /// What a client may send and how fast: sizes, timeouts, connections, rate limits.
+    #[serde(default)]
+    pub limits: FileLimits,
     /// Names of the identity headers injected upstream, and header hygiene switches.
     #[serde(default)]
     pub headers: FileHeaders,
@@ -255,6 +258,36 @@ pub struct FileRoute {
     pub browser_login: Option<String>,
 }
 
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Requests per minute to `/auth/*` from one client IP. Default 600; 0 turns the limit off.
+    pub auth_per_minute: Option<u32>,
+    /// Requests one client IP may send to `/auth/*` at once before the rate applies. Default 100.
+    pub auth_burst: Option<u32>,
+    /// Requests per minute one user may send to proxied routes. Default 0 (no limit).
+    pub user_per_minute: Option<u32>,
+    /// Burst of one user's proxied requests. Default: a tenth of a minute's worth, at least 1.
+    pub user_burst: Option<u32>,
+    /// Largest request body forwarded to the backend, e.g. `"10MiB"`; bigger ones get 413. Default
+    /// `"10MiB"`.
+    pub max_body: Option<String>,
+    /// Largest request head (request line and headers). Default `"64KiB"`.
+    pub max_header_bytes: Option<String>,
+    /// Most request headers. Default 100.
+    pub max_headers: Option<usize>,
+    /// Time a client has to send a complete request head; slower clients (slowloris) are cut off.
+    /// Default `"10s"`.
+    pub header_timeout: Option<String>,
+    /// A connection with no request for this long is closed, and so is a request or response body
+    /// that moves no byte for this long. Default `"60s"`.
+    pub idle_timeout: Option<String>,
+    /// Most client connections open at once on the main listener; more wait to be accepted.
+    /// Default 10000.
+    pub max_connections: Option<usize>,
+}
+
 /// `[headers]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -290,6 +323,28 @@ pub struct Config {
     pub session: SessionConfig,
     pub routes: RouteTable,
     pub headers: HeadersConfig,
+    pub limits: LimitsConfig,
+}
+
+/// A rate: so many per minute, with a burst allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_minute: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// `None`: unlimited.
+    pub auth: Option<Rate>,
+    /// `None`: unlimited.
+    pub user: Option<Rate>,
+    pub max_body: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +518,7 @@ impl Config {
         let session = session_config(file.session)?;
         let headers = headers_config(file.headers)?;
         let routes = routes_config(file.routes, &server, &apps)?;
+        let limits = limits_config(file.limits)?;
         if !apps.is_empty() && session.signing_key.is_none() {
             return Err(ConfigError::invalid(
                 "session.signing_key",
@@ -478,6 +534,7 @@ impl Config {
             session,
             routes,
             headers,
+            limits,
         })
     }
 }
@@ -936,6 +993,100 @@ fn public_url(key: &str, text: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(text.to_owned())
+}
+
+fn limits_config(file: FileLimits) -> Result<LimitsConfig, ConfigError> {
+    use std::num::NonZeroU32;
+    let rate = |key: &str, per_minute: u32, burst: Option<u32>, default_burst: u32| {
+        let Some(per_minute) = NonZeroU32::new(per_minute) else {
+            return Ok(None);
+        };
+        let burst = NonZeroU32::new(burst.unwrap_or(default_burst)).ok_or_else(|| {
+            ConfigError::invalid(
+                format!("limits.{key}_burst"),
+                "must be at least 1 (set the rate to 0 to turn the limit off)",
+            )
+        })?;
+        Ok(Some(Rate { per_minute, burst }))
+    };
+    let auth = rate(
+        "auth",
+        file.auth_per_minute.unwrap_or(600),
+        file.auth_burst,
+        100,
+    )?;
+    let user_rate = file.user_per_minute.unwrap_or(0);
+    let user = rate("user", user_rate, file.user_burst, (user_rate / 10).max(1))?;
+    let max_headers = file.max_headers.unwrap_or(100);
+    if !(1..=1000).contains(&max_headers) {
+        return Err(ConfigError::invalid(
+            "limits.max_headers",
+            format!("{max_headers} is out of range; use 1 to 1000"),
+        ));
+    }
+    let max_connections = file.max_connections.unwrap_or(10_000);
+    if max_connections == 0 {
+        return Err(ConfigError::invalid(
+            "limits.max_connections",
+            "must be at least 1",
+        ));
+    }
+    let max_header_bytes = size("limits.max_header_bytes", file.max_header_bytes, 64 * 1024)?;
+    if !(8 * 1024..=1024 * 1024).contains(&max_header_bytes) {
+        return Err(ConfigError::invalid(
+            "limits.max_header_bytes",
+            "is out of range; use \"8KiB\" to \"1MiB\"",
+        ));
+    }
+    Ok(LimitsConfig {
+        auth,
+        user,
+        max_body: size("limits.max_body", file.max_body, 10 * 1024 * 1024)?,
+        max_header_bytes: max_header_bytes as usize,
+        max_headers,
+        header_timeout: duration(
+            "limits.header_timeout",
+            file.header_timeout,
+            Duration::from_secs(10),
+        )?,
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            file.idle_timeout,
+            Duration::from_secs(60),
+        )?,
+        max_connections,
+    })
+}
+
+/// A size: bytes, or a number with `B`, `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`, read as the same
+/// binary multiples, as most people mean them).
+fn size(key: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let multiplier: Option<u64> = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => Some(1),
+        "k" | "kb" | "kib" => Some(1 << 10),
+        "m" | "mb" | "mib" => Some(1 << 20),
+        "g" | "gb" | "gib" => Some(1 << 30),
+        _ => None,
+    };
+    match (number.parse::<u64>().ok(), multiplier) {
+        (Some(n), Some(m)) if n > 0 => n
+            .checked_mul(m)
+            .ok_or_else(|| ConfigError::invalid(key, format!("\"{text}\" is too large"))),
+        _ => Err(ConfigError::invalid(
+            key,
+            format!(
+                "\"{text}\" is not a size; write e.g. \"10MiB\", \"64KiB\" or a number of bytes"
+            ),
+        )),
+    }
 }
 
 fn identity_config(file: FileIdentity) -> Result<IdentityConfig, ConfigError> {

@@ -94,6 +94,9 @@ pub enum Error {
     /// A state-changing request authenticated by the session cookie from another origin.
     #[error("cross-origin request with the session cookie")]
     CrossOrigin,
+    /// wxgate's own rate limit (`[limits]`): retry after this many seconds.
+    #[error("rate limited by wxgate")]
+    TooManyRequests { retry_after: u64 },
     /// `/auth/verify` asked by a peer that is not in `server.trusted_proxies`.
     #[error("forward-auth request from an untrusted peer")]
     UntrustedProxy,
@@ -118,7 +121,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidCode | Error::CodeUsed => StatusCode::BAD_REQUEST,
             Error::LoginBlocked | Error::UnionidUnavailable => StatusCode::FORBIDDEN,
-            Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited | Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::WechatUnavailable(WechatError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             Error::WechatUnavailable(WechatError::Api { errcode: -1 }) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -169,6 +172,7 @@ impl Error {
             Error::BadReturnTo => "invalid_return_to",
             Error::CrossOrigin => "cross_origin",
             Error::UntrustedProxy => "untrusted_proxy",
+            Error::TooManyRequests { .. } => "too_many_requests",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -250,6 +254,9 @@ impl Error {
             Error::CrossOrigin => {
                 "A request from another origin cannot use the session cookie; send the access token instead."
             }
+            Error::TooManyRequests { .. } => {
+                "Too many requests from this client; retry after the seconds in Retry-After."
+            }
             Error::UntrustedProxy => {
                 "Forward authentication answers only the proxies listed in server.trusted_proxies."
             }
@@ -289,6 +296,11 @@ impl Error {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            Error::TooManyRequests { retry_after } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
         }

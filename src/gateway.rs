@@ -25,6 +25,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::{self, Error};
+use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::proxy::headers::{ClientInfo, HeaderRules};
@@ -48,6 +49,7 @@ pub struct Gateway {
     /// Origins of the browser apps (`apps[].public_url`): the only ones whose pages may send
     /// state-changing requests with the session cookie.
     browser_origins: Vec<String>,
+    limits: Arc<RateLimits>,
 }
 
 struct Labels {
@@ -84,6 +86,7 @@ impl Gateway {
         auth: Option<Arc<AuthService>>,
         authenticator: Arc<dyn Authenticator>,
         metrics: Arc<Metrics>,
+        limits: Arc<RateLimits>,
     ) -> Self {
         Gateway {
             routes: config.routes.clone(),
@@ -118,6 +121,7 @@ impl Gateway {
                 .iter()
                 .filter_map(|a| a.public_url.clone())
                 .collect(),
+            limits,
         }
     }
 
@@ -220,6 +224,16 @@ impl Gateway {
                 let original = original.to_owned();
                 return self.verify(&original, path, request, client).await;
             }
+            // Logins cost WeChat calls and database writes: limited per client address.
+            let ip = self.headers.client_ip(request.headers(), client.peer);
+            if let Err(retry_after) = self.limits.check_auth(ip) {
+                tracing::info!(client = %ip, retry_after, "auth request over the rate limit");
+                return Outcome::failed(
+                    self.labels.auth(rest),
+                    Some(path),
+                    Error::TooManyRequests { retry_after },
+                );
+            }
             let result = match &self.auth {
                 Some(auth) => auth.endpoint(rest, request).await,
                 None => Err(Error::NotFound),
@@ -239,6 +253,15 @@ impl Gateway {
             Ok(identity) => identity,
             Err((e, via)) => return self.refused(route, path, &parts, e, via),
         };
+        if let Some(identity) = &identity
+            && let Err(retry_after) = self.limits.check_user(&identity.user_id)
+        {
+            return Outcome::failed(
+                route.name.clone(),
+                Some(path),
+                Error::TooManyRequests { retry_after },
+            );
+        }
 
         // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
         if !parts.headers.contains_key(header::HOST)

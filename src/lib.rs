@@ -41,6 +41,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -23,6 +23,7 @@ use crate::auth::service::{AuthService, StartError};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 
 /// The two listeners wxgate serves.
@@ -108,12 +109,23 @@ impl Server {
     ) -> io::Result<()> {
         let main_addr = listeners.main.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
+        let limits = Arc::new(RateLimits::new(&self.config.limits));
         let gateway = Arc::new(Gateway::new(
             &self.config,
             self.auth.clone(),
             self.authenticator.clone(),
             self.metrics.clone(),
+            limits.clone(),
         ));
+        // Rate-limit state of clients that have gone quiet is dropped once a minute.
+        let pruning = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                limits.prune();
+            }
+        });
         let admin = Admin {
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
@@ -153,6 +165,7 @@ impl Server {
 
         // Not ready first, so that health checks stop routing here; then stop accepting.
         self.readiness.set(false);
+        pruning.abort();
         drop(listeners);
         let open = graceful.count();
         tracing::info!(connections = open, timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");

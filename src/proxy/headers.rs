@@ -114,6 +114,34 @@ impl HeaderRules {
         }
     }
 
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest address in
+    /// `X-Forwarded-For` that is not itself a trusted proxy (the rightmost such: entries further left
+    /// were written by the client and may be forged).
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return canonical_ip(peer);
+        }
+        let mut client = canonical_ip(peer);
+        let chain: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        for hop in chain.iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = canonical_ip(ip);
+                    if !self.is_trusted(ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        client
+    }
+
     /// Whether the client at `peer` is a proxy whose forwarding headers are believed.
     pub fn is_trusted(&self, peer: IpAddr) -> bool {
         let peer = canonical_ip(peer);

@@ -4,6 +4,7 @@ mod admin;
 mod forward_auth;
 mod forwarding;
 mod lifecycle;
+mod limits;
 mod login;
 mod mock_wechat;
 mod nginx;
