@@ -1,9 +1,16 @@
 //! The one response/request body type that crosses wxgate's services, and helpers to build small
 //! JSON responses. Upstream bodies are streamed through this type, never collected.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 /// Errors of any body we stream (client uploads, upstream responses).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,4 +49,77 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+pin_project! {
+    /// A body that fails with [`BodyIdle`] when no frame arrives for `idle`: a stalled upload or
+    /// download does not hold a connection and a backend connection forever.
+    pub struct IdleTimeout<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        deadline: Sleep,
+        idle: Duration,
+    }
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            deadline: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+/// A body moved no byte for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for the idle timeout")]
+pub struct BodyIdle;
+
+impl<B> http_body::Body for IdleTimeout<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.deadline.as_mut().reset(Instant::now() + *this.idle);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.deadline.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `err`, or any error it was caused by, is a `T`.
+pub fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.is::<T>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }

@@ -277,8 +277,9 @@ pub struct FileLimits {
     pub max_header_bytes: Option<String>,
     /// Most request headers. Default 100.
     pub max_headers: Option<usize>,
-    /// Time a client has to send a complete request head; slower clients (slowloris) are cut off.
-    /// Default `"10s"`.
+    /// Time a client has to send a complete request head, and the longest an HTTP/1 keep-alive
+    /// connection waits idle for its next request; slower clients (slowloris) are cut off.
+    /// Default `"20s"`.
     pub header_timeout: Option<String>,
     /// A connection with no request for this long is closed, and so is a request or response body
     /// that moves no byte for this long. Default `"60s"`.
@@ -477,6 +478,11 @@ pub struct HeadersConfig {
 pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 impl Config {
+    /// `[limits]` as they are when the section is left out.
+    pub fn default_limits() -> LimitsConfig {
+        limits_config(FileLimits::default()).expect("the defaults are valid")
+    }
+
     /// Reads, interpolates and validates the file at `path`, taking `${VAR}` from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1047,7 +1053,7 @@ fn limits_config(file: FileLimits) -> Result<LimitsConfig, ConfigError> {
         header_timeout: duration(
             "limits.header_timeout",
             file.header_timeout,
-            Duration::from_secs(10),
+            Duration::from_secs(20),
         )?,
         idle_timeout: duration(
             "limits.idle_timeout",

@@ -94,6 +94,9 @@ pub enum Error {
     /// A state-changing request authenticated by the session cookie from another origin.
     #[error("cross-origin request with the session cookie")]
     CrossOrigin,
+    /// The client stopped sending its request body for `limits.idle_timeout`.
+    #[error("request body stalled")]
+    RequestTimeout,
     /// wxgate's own rate limit (`[limits]`): retry after this many seconds.
     #[error("rate limited by wxgate")]
     TooManyRequests { retry_after: u64 },
@@ -117,6 +120,7 @@ impl Error {
             Error::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidCode | Error::CodeUsed => StatusCode::BAD_REQUEST,
@@ -172,6 +176,7 @@ impl Error {
             Error::BadReturnTo => "invalid_return_to",
             Error::CrossOrigin => "cross_origin",
             Error::UntrustedProxy => "untrusted_proxy",
+            Error::RequestTimeout => "request_timeout",
             Error::TooManyRequests { .. } => "too_many_requests",
             Error::Internal(_) => "internal_error",
         }
@@ -254,6 +259,7 @@ impl Error {
             Error::CrossOrigin => {
                 "A request from another origin cannot use the session cookie; send the access token instead."
             }
+            Error::RequestTimeout => "The request body stopped arriving; send it again.",
             Error::TooManyRequests { .. } => {
                 "Too many requests from this client; retry after the seconds in Retry-After."
             }

@@ -50,6 +50,10 @@ pub struct Gateway {
     /// state-changing requests with the session cookie.
     browser_origins: Vec<String>,
     limits: Arc<RateLimits>,
+    /// `limits.max_body`: the largest request body forwarded.
+    max_body: u64,
+    /// `limits.idle_timeout`: a request body that stalls this long fails the request.
+    idle_timeout: std::time::Duration,
 }
 
 struct Labels {
@@ -95,7 +99,9 @@ impl Gateway {
             auth,
             authenticator,
             headers: HeaderRules::from_config(config),
-            upstream: Upstream::new(&config.upstream),
+            upstream: Upstream::new(&config.upstream, config.limits.idle_timeout),
+            max_body: config.limits.max_body,
+            idle_timeout: config.limits.idle_timeout,
             metrics,
             labels: Labels {
                 invalid: Arc::from("invalid_path"),
@@ -278,8 +284,27 @@ impl Gateway {
         {
             return Outcome::failed(route.name.clone(), Some(path), e);
         }
-        let request = Request::from_parts(parts, body::boxed(incoming));
-        let result = self.upstream.forward(request, &path).await;
+        let body = match self.request_body(&parts.headers, incoming) {
+            Ok(body) => body,
+            Err(e) => return Outcome::failed(route.name.clone(), Some(path), e),
+        };
+        let request = Request::from_parts(parts, body);
+        let result = self
+            .upstream
+            .forward(request, &path)
+            .await
+            .map_err(|e| match e {
+                // The request body, not the backend, is what failed.
+                Error::UpstreamUnavailable(cause)
+                    if body::caused_by::<http_body_util::LengthLimitError>(&*cause) =>
+                {
+                    Error::PayloadTooLarge
+                }
+                Error::UpstreamUnavailable(cause) if body::caused_by::<body::BodyIdle>(&*cause) => {
+                    Error::RequestTimeout
+                }
+                other => other,
+            });
         Outcome {
             route: route.name.clone(),
             path: Some(path),
@@ -291,6 +316,27 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// The client's body as it is forwarded: refused at once when its declared length is over
+    /// `limits.max_body`, cut when a chunked body grows past it or stalls for `limits.idle_timeout`.
+    fn request_body(&self, headers: &HeaderMap, incoming: Incoming) -> Result<Body, Error> {
+        use http_body::Body as _;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(Error::PayloadTooLarge);
+        }
+        if incoming.is_end_stream() {
+            return Ok(body::boxed(incoming));
+        }
+        let limited = http_body_util::Limited::new(incoming, self.max_body as usize);
+        Ok(body::boxed(body::IdleTimeout::new(
+            limited,
+            self.idle_timeout,
+        )))
+    }
+
     /// Who a request to `route` comes from, as its policy demands: `Ok(None)` is an anonymous request
     /// the route lets through; `Err` says why it is refused and where the refused credential came from.
     async fn decide(

@@ -16,12 +16,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
 use crate::auth::service::{AuthService, StartError};
 use crate::auth::{Anonymous, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig};
 use crate::gateway::Gateway;
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
@@ -131,7 +132,11 @@ impl Server {
             readiness: self.readiness.clone(),
             auth: self.auth.clone(),
         };
-        let builder = connection_builder();
+        let builder = connection_builder(&self.config.limits);
+        let admin_builder = connection_builder(&crate::config::Config::default_limits());
+        // At most this many client connections at once; the next accept waits for one to close
+        // (the kernel's backlog holds the newcomers meanwhile).
+        let connections = Arc::new(Semaphore::new(self.config.limits.max_connections));
         let graceful = GracefulShutdown::new();
         // Cancelled when the drain deadline passes: connections still open then are cut off.
         let cut_off = CancellationToken::new();
@@ -144,11 +149,15 @@ impl Server {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                accepted = listeners.main.accept() => {
+                (accepted, permit) = accept_within(&listeners.main, &connections) => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
                     let service = TowerToHyperService::new(gateway.service(peer, "http"));
                     let connection = builder.serve_connection_with_upgrades(io(stream), service);
-                    spawn_connection(graceful.watch(connection.into_owned()), peer, cut_off.clone());
+                    let connection = graceful.watch(connection.into_owned());
+                    spawn_connection(async move {
+                        let _permit = permit;
+                        connection.await
+                    }, peer, cut_off.clone());
                 }
                 accepted = listeners.admin.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "admin").await else { continue };
@@ -157,7 +166,7 @@ impl Server {
                         let admin = admin.clone();
                         async move { admin.handle(request).await }
                     });
-                    let connection = builder.serve_connection(io(stream), service);
+                    let connection = admin_builder.serve_connection(io(stream), service);
                     spawn_connection(graceful.watch(connection.into_owned()), peer, cut_off.clone());
                 }
             }
@@ -188,13 +197,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 and HTTP/2 settings from `[limits]`.
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer lets hyper enforce its header read timeout (30 s by default), so a client that never
-    // finishes its headers does not hold a connection forever.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    let mut http1 = builder.http1();
+    // The header timer also runs while a keep-alive connection waits for its next request, so it
+    // closes idle connections and clients that send their head too slowly (slowloris).
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // Past this, the head is answered 431.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    // hyper parses up to 100 headers on the stack; any other limit costs a heap allocation a request.
+    if limits.max_headers != 100 {
+        http1.max_headers(limits.max_headers);
+    }
     builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find peers that vanished without closing the connection.
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Waits for a connection slot, then accepts.
+async fn accept_within(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (io::Result<(TcpStream, SocketAddr)>, OwnedSemaphorePermit) {
+    let permit = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    (listener.accept().await, permit)
 }
 
 fn io(stream: TcpStream) -> TokioIo<TcpStream> {

@@ -26,10 +26,12 @@ pub struct Upstream {
     base_path: String,
     timeout: Duration,
     preserve_host: bool,
+    /// `limits.idle_timeout`: a response body that stalls this long is cut.
+    idle_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub fn new(config: &UpstreamConfig, idle_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -48,6 +50,7 @@ impl Upstream {
             base_path: config.base_path.clone(),
             timeout: config.timeout,
             preserve_host: config.preserve_host,
+            idle_timeout,
         }
     }
 
@@ -75,7 +78,8 @@ impl Upstream {
         };
         let (mut parts, incoming) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body::boxed(incoming)))
+        let body = body::boxed(body::IdleTimeout::new(incoming, self.idle_timeout));
+        Ok(Response::from_parts(parts, body))
     }
 
     /// The backend URI for a client request: our scheme and authority, the base path, the normalised

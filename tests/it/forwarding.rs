@@ -152,7 +152,9 @@ async fn http2_clients_are_served_and_forwarded_as_http1() {
 #[tokio::test]
 async fn a_large_upload_streams_through_intact() {
     const SIZE: usize = 100 * 1024 * 1024;
-    let gate = Gate::start().await;
+    let gate = Gate::with_config(&format!("{ROUTES}\n[limits]\nmax_body = \"1GiB\"\n"))
+        .start()
+        .await;
     let chunk = Bytes::from(vec![0xA5u8; 1024 * 1024]);
     let mut expected = Sha256::new();
     for _ in 0..SIZE / chunk.len() {

@@ -106,3 +106,152 @@ async fn users_can_be_limited_on_proxied_routes() {
         assert_eq!(public.status, 200);
     }
 }
+
+/// [`ROUTES`] with `[limits]` set to `limits` (the auth rate limit off).
+fn limited(limits: &str) -> String {
+    format!("{ROUTES}\n[limits]\nauth_per_minute = 0\n{limits}\n")
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_and_are_not_forwarded() {
+    let gate = Gate::with_config(&limited("max_body = \"1KiB\""))
+        .start()
+        .await;
+    let http = Http::h1();
+    let url = gate.url("/api/public/upload");
+    let post = |body: wxgate::body::Body| http.send(http::Method::POST, &url, &[], body);
+    let declared = post(bytes_body(vec![b'x'; 2048])).await;
+    assert_eq!(declared.status, 413);
+    assert_eq!(declared.error(), "payload_too_large");
+    assert!(gate.seen().is_empty(), "refused before forwarding");
+
+    let frames = futures_util::stream::iter((0..4).map(|_| {
+        Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from(vec![b'y'; 512])))
+    }));
+    let chunked = post(wxgate::body::boxed(http_body_util::StreamBody::new(frames))).await;
+    assert_eq!(
+        chunked.status, 413,
+        "a chunked body is cut where it passes the limit"
+    );
+    assert_eq!(chunked.error(), "payload_too_large");
+
+    let fits = post(bytes_body(vec![b'z'; 1024])).await;
+    assert_eq!(fits.status, 200);
+    assert_eq!(fits.json()["body_len"], 1024);
+}
+
+#[tokio::test]
+async fn heads_over_the_limits_get_431() {
+    let gate = Gate::with_config(&limited("max_header_bytes = \"8KiB\"\nmax_headers = 20"))
+        .start()
+        .await;
+    let http = Http::h1();
+    let big = "v".repeat(10 * 1024);
+    let too_big = http
+        .get(&gate.url("/api/public/x"), &[("x-big", &big)])
+        .await;
+    assert_eq!(too_big.status, 431);
+    let names: Vec<String> = (0..30).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let too_many = http.get(&gate.url("/api/public/x"), &many).await;
+    assert_eq!(too_many.status, 431);
+    let fine = http.get(&gate.url("/api/public/x"), &many[..10]).await;
+    assert_eq!(fine.status, 200);
+    assert_eq!(gate.seen().len(), 1);
+}
+
+/// Reads from `stream` until the server closes it; `None` if it is still open after `within`.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match tokio::time::timeout(within, stream.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_cut_off() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let gate = Gate::with_config(&limited("header_timeout = \"300ms\""))
+        .start()
+        .await;
+    // Slowloris: a head that never ends.
+    let mut slow = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    slow.write_all(b"GET /api/public/x HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a client that never finishes its head is cut off"
+    );
+    // A keep-alive connection that goes quiet after a request is closed too.
+    let mut idle = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    idle.write_all(b"GET /api/public/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("closed after going idle");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+}
+
+#[tokio::test]
+async fn a_stalled_upload_gets_408() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let gate = Gate::with_config(&limited("idle_timeout = \"300ms\""))
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/public/upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let answer = closed_within(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gate = Gate::with_config(&limited("max_connections = 2"))
+        .start()
+        .await;
+    let request = b"GET /api/public/x HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let mut buf = [0u8; 12];
+    let waited = tokio::time::timeout(Duration::from_millis(500), third.read_exact(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "the third connection is not served while two are open"
+    );
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(5), third.read_exact(&mut buf))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
