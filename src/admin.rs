@@ -56,6 +56,9 @@ impl Admin {
             "/users" => self.user(request.uri().query()).await,
             path if path.starts_with("/users/") => self.user_by_id(&path["/users/".len()..]).await,
             "/metrics" => {
+                if let Some(auth) = &self.auth {
+                    self.metrics.set_sessions(auth.sessions().len());
+                }
                 let mut response = Response::new(body::full(self.metrics.render()));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

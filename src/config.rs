@@ -122,6 +122,9 @@ pub struct FileConfig {
     /// What a client may send and how fast: sizes, timeouts, connections, rate limits.
     #[serde(default)]
     pub limits: FileLimits,
+    /// Logging.
+    #[serde(default)]
+    pub log: FileLog,
     /// Names of the identity headers injected upstream, and header hygiene switches.
     #[serde(default)]
     pub headers: FileHeaders,
@@ -258,6 +261,20 @@ pub struct FileRoute {
     pub browser_login: Option<String>,
 }
 
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    /// `text` (default; one human-readable line per event) or `json` (one JSON object per line, for
+    /// log shippers).
+    pub format: Option<String>,
+    /// Level or filter, e.g. `"info"` (default) or `"info,wxgate::access=off"`; `RUST_LOG`, when
+    /// set, takes precedence.
+    pub level: Option<String>,
+    /// One `wxgate::access` line per request. Default true.
+    pub access: Option<bool>,
+}
+
 /// `[limits]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,6 +342,21 @@ pub struct Config {
     pub routes: RouteTable,
     pub headers: HeadersConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive string, checked.
+    pub level: String,
+    pub access: bool,
 }
 
 /// A rate: so many per minute, with a burst allowance.
@@ -525,6 +557,7 @@ impl Config {
         let headers = headers_config(file.headers)?;
         let routes = routes_config(file.routes, &server, &apps)?;
         let limits = limits_config(file.limits)?;
+        let log = log_config(file.log)?;
         if !apps.is_empty() && session.signing_key.is_none() {
             return Err(ConfigError::invalid(
                 "session.signing_key",
@@ -541,6 +574,7 @@ impl Config {
             routes,
             headers,
             limits,
+            log,
         })
     }
 }
@@ -999,6 +1033,37 @@ fn public_url(key: &str, text: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(text.to_owned())
+}
+
+fn log_config(file: FileLog) -> Result<LogConfig, ConfigError> {
+    let format = match file.format.as_deref().map(str::trim) {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "log.format",
+                format!("\"{other}\" is not a log format; use \"text\" or \"json\""),
+            ));
+        }
+    };
+    let level = file.level.unwrap_or_else(|| "info".to_owned());
+    let level = level.trim().to_owned();
+    if tracing_subscriber::EnvFilter::builder()
+        .parse(&level)
+        .is_err()
+    {
+        return Err(ConfigError::invalid(
+            "log.level",
+            format!(
+                "\"{level}\" is not a level or filter; write e.g. \"info\", \"debug\" or \"info,wxgate=debug\""
+            ),
+        ));
+    }
+    Ok(LogConfig {
+        format,
+        level,
+        access: file.access.unwrap_or(true),
+    })
 }
 
 fn limits_config(file: FileLimits) -> Result<LimitsConfig, ConfigError> {

@@ -320,6 +320,11 @@ impl Error {
 /// Logs `err` once with its cause chain, counts it by code, and builds the client's response.
 pub fn respond(err: Error, metrics: &Metrics) -> Response<Body> {
     metrics.count_error(err.code());
+    match err {
+        Error::IdentityUnavailable(_) => metrics.count_store_error("identity"),
+        Error::AuthUnavailable(_) => metrics.count_store_error("session"),
+        _ => {}
+    }
     let status = err.status();
     let chain = cause_chain(&err);
     if status.is_server_error() {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wxgate::Config;
+use wxgate::config::LogFormat;
 
 /// Exit code for a configuration that cannot be used (EX_USAGE in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -71,14 +72,7 @@ fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(&config.log);
     let runtime = match config.server.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -100,6 +94,36 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "wxgate stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr as `[log]` says; `RUST_LOG`, when set, overrides `log.level`.
+fn init_logging(log: &wxgate::config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let mut filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
+        _ => EnvFilter::new(&log.level),
+    };
+    if !log.access {
+        filter = filter.add_directive(
+            "wxgate::access=off"
+                .parse()
+                .expect("a valid static directive"),
+        );
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line: the event's fields at the top level, the request span (method,
+        // request id, path) beside them.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 

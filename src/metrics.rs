@@ -38,6 +38,63 @@ struct ErrorLabels {
     error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginLabels {
+    app: RouteLabel,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WechatLabels {
+    endpoint: &'static str,
+    errcode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: &'static str,
+}
+
+/// WeChat's error codes as label values: the documented ones by number, anything else as `other`,
+/// so a misbehaving server cannot create series at will.
+pub fn errcode_label(errcode: i64) -> &'static str {
+    match errcode {
+        0 => "0",
+        -1 => "-1",
+        40001 => "40001",
+        40002 => "40002",
+        40003 => "40003",
+        40013 => "40013",
+        40014 => "40014",
+        40029 => "40029",
+        40097 => "40097",
+        40125 => "40125",
+        40163 => "40163",
+        40164 => "40164",
+        40226 => "40226",
+        41002 => "41002",
+        41004 => "41004",
+        41008 => "41008",
+        42001 => "42001",
+        42003 => "42003",
+        45009 => "45009",
+        45011 => "45011",
+        48001 => "48001",
+        87009 => "87009",
+        _ => "other",
+    }
+}
+
 /// The metrics of one wxgate instance (no global registry: two servers in one process, as in the
 /// tests, count separately).
 pub struct Metrics {
@@ -47,6 +104,12 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     in_flight: Gauge,
     merges: Counter,
+    logins: Family<LoginLabels, Counter>,
+    wechat_calls: Family<WechatLabels, Counter>,
+    wechat_duration: Family<EndpointLabels, Histogram>,
+    verifications: Family<ResultLabels, Counter>,
+    sessions: Gauge,
+    store_errors: Family<StoreLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -98,6 +161,45 @@ impl Metrics {
             "Users merged into another because a unionid showed they are the same person",
             merges.clone(),
         );
+        let logins = Family::<LoginLabels, Counter>::default();
+        registry.register(
+            "logins",
+            "Login attempts (all kinds: mini program, OAuth, browser callback), by app and result (ok or the error code)",
+            logins.clone(),
+        );
+        let wechat_calls = Family::<WechatLabels, Counter>::default();
+        registry.register(
+            "wechat_requests",
+            "Calls to the WeChat API, by endpoint and errcode (0 ok; unavailable, timeout)",
+            wechat_calls.clone(),
+        );
+        let wechat_duration = Family::<EndpointLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "wechat_request_duration",
+            "Time of one call to the WeChat API, by endpoint",
+            Unit::Seconds,
+            wechat_duration.clone(),
+        );
+        let verifications = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_verifications",
+            "Credentials checked on requests (ok, expired, invalid, unknown_session)",
+            verifications.clone(),
+        );
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Live sessions in this instance's session store (approximate)",
+            sessions.clone(),
+        );
+        let store_errors = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Failures of a store that made a request fail closed, by store (identity, session)",
+            store_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -105,6 +207,12 @@ impl Metrics {
             errors,
             in_flight,
             merges,
+            logins,
+            wechat_calls,
+            wechat_duration,
+            verifications,
+            sessions,
+            store_errors,
         }
     }
 
@@ -124,6 +232,42 @@ impl Metrics {
     pub fn count_error(&self, code: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels { error: code })
+            .inc();
+    }
+
+    /// One login attempt of `app`: `result` is `ok` or the error code.
+    pub fn count_login(&self, app: &Arc<str>, result: &'static str) {
+        self.logins
+            .get_or_create(&LoginLabels {
+                app: RouteLabel(app.clone()),
+                result,
+            })
+            .inc();
+    }
+
+    /// One call to WeChat's `endpoint` that ended with `errcode` (see [`errcode_label`]).
+    pub fn observe_wechat(&self, endpoint: &'static str, errcode: &'static str, elapsed: Duration) {
+        self.wechat_calls
+            .get_or_create(&WechatLabels { endpoint, errcode })
+            .inc();
+        self.wechat_duration
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn count_verification(&self, result: &'static str) {
+        self.verifications
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn set_sessions(&self, n: u64) {
+        self.sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn count_store_error(&self, store: &'static str) {
+        self.store_errors
+            .get_or_create(&StoreLabels { store })
             .inc();
     }
 

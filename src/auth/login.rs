@@ -12,7 +12,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use super::open_data;
-use super::service::{AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
+use super::service::{App, AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
 use crate::body::Body;
 use crate::config::Secret;
 use crate::error::Error;
@@ -102,11 +102,22 @@ impl AuthService {
         request: LoginRequest,
         now: u64,
     ) -> Result<Response<Body>, Error> {
+        let app = self.mini_program(request.app.as_deref())?;
+        let result = self.login_to(app, request, now).await;
+        self.count_login(app, &result);
+        result
+    }
+
+    async fn login_to(
+        &self,
+        app: &App,
+        request: LoginRequest,
+        now: u64,
+    ) -> Result<Response<Body>, Error> {
         let code = request.code.ok_or(Error::BadRequest(LOGIN_EXPECTED))?;
         if !looks_like_code(&code) {
             return Err(Error::InvalidCode);
         }
-        let app = self.mini_program(request.app.as_deref())?;
         let appid = app.config.appid.as_str();
         let exchanged = self
             .exchanges

@@ -258,12 +258,17 @@ impl AuthService {
         request: OauthLoginRequest,
         now: u64,
     ) -> Result<Response<Body>, Error> {
-        let code = request
-            .code
-            .ok_or(Error::BadRequest(OAUTH_LOGIN_EXPECTED))?;
         let app = self.oauth_app(request.app.as_deref())?;
-        let new = self.oauth_identity(app, &code).await?;
-        self.start_session(app, new, now).await
+        let result = async {
+            let code = request
+                .code
+                .ok_or(Error::BadRequest(OAUTH_LOGIN_EXPECTED))?;
+            let new = self.oauth_identity(app, &code).await?;
+            self.start_session(app, new, now).await
+        }
+        .await;
+        self.count_login(app, &result);
+        result
     }
 
     /// `GET /oauth/{app}/start?return_to=`: sends the browser to WeChat's login page.
@@ -343,17 +348,27 @@ impl AuthService {
             tracing::warn!(app = %app.name, "OAuth callback refused: its state belongs to another app or browser");
             return Err(Error::InvalidState);
         }
-        let code = query_param(query, "code").ok_or(Error::LoginDeclined)?;
-        let new = self.oauth_identity(app, &code).await?;
-        // A browser session is carried by its cookie alone; its refresh token is never handed out.
-        let (session, _refresh_token) = self.new_session(app, new, now);
-        let token =
-            self.tokens
-                .mint_access_until(session.sid, &session.user_id, now, session.expires_at);
-        self.sessions
-            .insert(session)
-            .await
-            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        let logged_in = async {
+            let code = query_param(query, "code").ok_or(Error::LoginDeclined)?;
+            let new = self.oauth_identity(app, &code).await?;
+            // A browser session is carried by its cookie alone; its refresh token is never handed
+            // out.
+            let (session, _refresh_token) = self.new_session(app, new, now);
+            let token = self.tokens.mint_access_until(
+                session.sid,
+                &session.user_id,
+                now,
+                session.expires_at,
+            );
+            self.sessions
+                .insert(session)
+                .await
+                .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+            Ok(token)
+        }
+        .await;
+        self.count_login(app, &logged_in);
+        let token = logged_in?;
         let mut response = redirect(&pending.return_to)?;
         response.headers_mut().append(
             header::SET_COOKIE,

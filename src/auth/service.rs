@@ -149,7 +149,7 @@ impl AuthService {
                 ));
             }
         };
-        let wechat = WechatClient::new(&config.wechat)?;
+        let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -255,6 +255,15 @@ impl AuthService {
             (None, _, None) => Err(Error::BadRequest(messages.none)),
             (Some(_), Some(_), _) => Err(Error::BadRequest(messages.several)),
         }
+    }
+
+    /// Counts a login attempt of `app` by its outcome.
+    pub(super) fn count_login<T>(&self, app: &App, result: &Result<T, Error>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        self.metrics.count_login(&app.name, outcome);
     }
 
     /// Creates a session for a resolved login and answers with its token pair.
@@ -382,12 +391,22 @@ impl AuthService {
 
     /// The live session an access token names.
     pub(super) async fn live_session(&self, token: &str, now: u64) -> Result<Arc<Session>, Error> {
-        let claims = self.verify(token, now)?;
-        self.sessions
+        let claims = self.verify(token, now).inspect_err(|e| {
+            self.metrics.count_verification(match e {
+                Error::TokenExpired => "expired",
+                _ => "invalid",
+            });
+        })?;
+        let session = self
+            .sessions
             .get(&claims.sid, now)
             .await
-            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?
-            .ok_or(Error::InvalidToken)
+            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
+        self.metrics.count_verification(match session {
+            Some(_) => "ok",
+            None => "unknown_session",
+        });
+        session.ok_or(Error::InvalidToken)
     }
 
     /// Applies the identity rules to one login's ids. When they show that other users are this same

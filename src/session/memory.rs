@@ -187,6 +187,8 @@ impl SessionStore for MemoryStore {
     }
 
     fn len(&self) -> u64 {
+        // moka counts lazily; settle its pending bookkeeping first (cheap, and only on a scrape).
+        self.sessions.run_pending_tasks();
         self.sessions.entry_count()
     }
 }

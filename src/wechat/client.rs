@@ -113,6 +113,8 @@ pub enum WechatError {
 pub struct WechatClient {
     http: reqwest::Client,
     base: String,
+    /// Calls are counted by endpoint and errcode, and timed, when set.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl WechatClient {
@@ -133,6 +135,7 @@ impl WechatClient {
         Ok(WechatClient {
             http,
             base: base_url(&config.api_base),
+            metrics: None,
         })
     }
 
@@ -157,7 +160,7 @@ impl WechatClient {
             ("js_code", code),
             ("grant_type", "authorization_code"),
         ];
-        let body = self.get(&url, &query).await?;
+        let body = self.get("jscode2session", &url, &query).await?;
         let reply: Reply = serde_json::from_value(body).map_err(|_| {
             WechatError::Unavailable("jscode2session reply lacks openid or session_key".into())
         })?;
@@ -199,7 +202,10 @@ impl WechatClient {
             ("code", code),
             ("grant_type", "authorization_code"),
         ];
-        let reply: Reply = serde_json::from_value(self.get(&url, &query).await?).map_err(|_| {
+        let reply: Reply = serde_json::from_value(
+            self.get("oauth2/access_token", &url, &query).await?,
+        )
+        .map_err(|_| {
             WechatError::Unavailable(
                 "oauth2/access_token reply lacks openid or access_token".into(),
             )
@@ -236,7 +242,7 @@ impl WechatClient {
             ("openid", openid),
             ("lang", "zh_CN"),
         ];
-        serde_json::from_value(self.get(&url, &query).await?)
+        serde_json::from_value(self.get("sns/userinfo", &url, &query).await?)
             .map_err(|_| WechatError::Unavailable("sns/userinfo reply is not a profile".into()))
     }
 
@@ -260,9 +266,12 @@ impl WechatClient {
             "secret": secret.expose(),
             "force_refresh": false,
         });
-        let reply: Reply = serde_json::from_value(self.post(&url, &body).await?).map_err(|_| {
-            WechatError::Unavailable("stable_token reply lacks access_token or expires_in".into())
-        })?;
+        let reply: Reply = serde_json::from_value(self.post("stable_token", &url, &body).await?)
+            .map_err(|_| {
+                WechatError::Unavailable(
+                    "stable_token reply lacks access_token or expires_in".into(),
+                )
+            })?;
         Ok((Secret::new(reply.access_token), reply.expires_in))
     }
 
@@ -283,13 +292,62 @@ impl WechatClient {
             .finish();
         let url = format!("{}/wxa/business/getuserphonenumber?{query}", self.base);
         let body = serde_json::json!({ "code": code, "openid": openid });
-        let reply: Reply = serde_json::from_value(self.post(&url, &body).await?).map_err(|_| {
-            WechatError::Unavailable("getuserphonenumber reply lacks phone_info".into())
-        })?;
+        let reply: Reply =
+            serde_json::from_value(self.post("getuserphonenumber", &url, &body).await?).map_err(
+                |_| WechatError::Unavailable("getuserphonenumber reply lacks phone_info".into()),
+            )?;
         Ok(reply.phone_info)
     }
 
-    async fn post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
+    /// Counts and times calls to WeChat in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records one call's outcome.
+    fn observe(
+        &self,
+        endpoint: &'static str,
+        started: std::time::Instant,
+        result: &Result<Value, WechatError>,
+    ) {
+        if let Some(metrics) = &self.metrics {
+            let errcode = match result {
+                Ok(_) => "0",
+                Err(WechatError::Api { errcode }) => crate::metrics::errcode_label(*errcode),
+                Err(WechatError::Unavailable(_)) => "unavailable",
+                Err(WechatError::Timeout) => "timeout",
+            };
+            metrics.observe_wechat(endpoint, errcode, started.elapsed());
+        }
+    }
+
+    async fn post(
+        &self,
+        endpoint: &'static str,
+        url: &str,
+        body: &Value,
+    ) -> Result<Value, WechatError> {
+        let started = std::time::Instant::now();
+        let result = self.send_post(url, body).await;
+        self.observe(endpoint, started, &result);
+        result
+    }
+
+    async fn get(
+        &self,
+        endpoint: &'static str,
+        url: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value, WechatError> {
+        let started = std::time::Instant::now();
+        let result = self.send_get(url, query).await;
+        self.observe(endpoint, started, &result);
+        result
+    }
+
+    async fn send_post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
         let response = self
             .http
             .post(url)
@@ -304,7 +362,7 @@ impl WechatClient {
     }
 
     /// Sends a GET and returns the JSON body of a successful (errcode absent or 0) reply.
-    async fn get(&self, url: &str, query: &[(&str, &str)]) -> Result<Value, WechatError> {
+    async fn send_get(&self, url: &str, query: &[(&str, &str)]) -> Result<Value, WechatError> {
         let mut target = String::with_capacity(url.len() + 128);
         target.push_str(url);
         target.push('?');

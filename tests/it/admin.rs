@@ -72,3 +72,52 @@ async fn metrics_count_requests_by_route_and_status() {
     // Raw paths never become labels.
     assert!(!text.contains("/api/orders") && !text.contains("%zz"));
 }
+
+#[tokio::test]
+async fn metrics_count_logins_wechat_calls_verifications_and_sessions() {
+    let gate = Gate::login().await;
+    let tokens = gate.logged_in("mia").await;
+    let code = gate.wechat.login_code(SHOP_APPID, "mia");
+    gate.wechat.fail_next(
+        wxgate::wechat::mock::JSCODE2SESSION,
+        wxgate::wechat::mock::Fault::Errcode(40029),
+        1,
+    );
+    let refused = gate
+        .post_json("/auth/login", &serde_json::json!({ "code": code }))
+        .await;
+    assert_eq!(refused.error(), "invalid_code");
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(gate.get_with_token("/api/orders", access).await.status, 200);
+    assert_eq!(
+        gate.get_with_token("/api/orders", "not.a.token")
+            .await
+            .status,
+        401
+    );
+
+    let text = String::from_utf8(
+        Http::h1()
+            .get(&format!("http://{}/metrics", gate.admin), &[])
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        r#"wxgate_logins_total{app="shop",result="ok"} 1"#,
+        r#"wxgate_logins_total{app="shop",result="invalid_code"} 1"#,
+        r#"wxgate_wechat_requests_total{endpoint="jscode2session",errcode="0"} 1"#,
+        r#"wxgate_wechat_requests_total{endpoint="jscode2session",errcode="40029"} 1"#,
+        r#"wxgate_wechat_request_duration_seconds_count{endpoint="jscode2session"} 2"#,
+        r#"wxgate_token_verifications_total{result="ok"} 1"#,
+        r#"wxgate_token_verifications_total{result="invalid"} 1"#,
+        "wxgate_sessions_active 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    assert!(!text.contains(access), "no token in metrics");
+}

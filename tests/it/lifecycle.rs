@@ -237,3 +237,100 @@ async fn sigterm_drains_an_in_flight_request_and_exits_zero() {
         "{log:#?}"
     );
 }
+
+/// Runs the binary with `[log]` set to `log`, sends `/page?code=SECRETCODE` through it, stops it, and
+/// returns its log lines.
+async fn run_and_log(log: &str) -> Vec<String> {
+    let backend = SampleBackend::start(bind().await, Options::default()).unwrap();
+    // Chosen here, not read from the ready line: a quiet level does not print it.
+    let (main, admin) = (bind().await, bind().await);
+    let (listen, admin_addr) = (main.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((main, admin));
+    let file = write_config(&format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_addr}\"\n\
+         [upstream]\nurl = \"{}\"\n[[routes]]\nprefix = \"/\"\nauth = \"public\"\nname = \"all\"\n[log]\n{log}\n",
+        backend.url()
+    ));
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = format!("http://{admin_addr}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(admin_addr).await.is_err()
+        || Http::h1().get(&ready, &[]).await.status != 200
+    {
+        assert!(Instant::now() < deadline, "wxgate did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = Http::h1()
+        .get(
+            &format!("http://{listen}/page?code=SECRETCODE"),
+            &[("x-request-id", "req-1")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The reader thread ends with the process's stderr.
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    lines
+}
+
+#[tokio::test]
+async fn json_logs_have_one_access_line_per_request_without_query_strings() {
+    let lines = run_and_log("format = \"json\"").await;
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["target"] == "wxgate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{lines:#?}");
+    let line = access[0];
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/page");
+    assert_eq!(line["route"], "all");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["request_id"], "req-1");
+    assert_eq!(line["user_id"], "-");
+    assert!(line["duration_us"].is_u64());
+    assert!(
+        lines.iter().all(|l| !l.contains("SECRETCODE")),
+        "query strings are never logged"
+    );
+}
+
+#[tokio::test]
+async fn the_access_log_can_be_turned_off_and_the_level_set() {
+    let lines = run_and_log("access = false\nlevel = \"info\"").await;
+    assert!(lines.iter().any(|l| l.contains("wxgate ready")));
+    assert!(
+        lines.iter().all(|l| !l.contains("wxgate::access")),
+        "{lines:#?}"
+    );
+    let quiet = run_and_log("level = \"warn\"").await;
+    assert!(
+        quiet.iter().all(|l| !l.contains("wxgate ready")),
+        "info lines are off at warn: {quiet:#?}"
+    );
+}
