@@ -154,6 +154,18 @@ pub struct FileServer {
     /// ordinary characters. Off by default: backends decode them differently, which is how
     /// route rules get bypassed.
     pub allow_encoded_slashes: Option<bool>,
+    /// TLS on the main listener. Absent: plain HTTP (behind a TLS-terminating proxy).
+    pub tls: Option<FileTls>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// PEM file with the certificate chain, the server's certificate first.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1). Reloaded with the chain on SIGHUP.
+    pub key: String,
 }
 
 /// `[upstream]`
@@ -391,6 +403,14 @@ pub struct ServerConfig {
     /// Normalised, without a trailing slash, e.g. `/auth`.
     pub auth_prefix: String,
     pub allow_encoded_slashes: bool,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: files checked to hold a usable chain and its key.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -775,7 +795,34 @@ fn server_config(file: FileServer) -> Result<ServerConfig, ConfigError> {
         trusted_proxies,
         auth_prefix,
         allow_encoded_slashes: file.allow_encoded_slashes.unwrap_or(false),
+        tls: file.tls.map(tls_config).transpose()?,
     })
+}
+
+fn tls_config(file: FileTls) -> Result<TlsConfig, ConfigError> {
+    let tls = TlsConfig {
+        cert: PathBuf::from(file.cert.trim()),
+        key: PathBuf::from(file.key.trim()),
+    };
+    // Read now, so that `wxgate check` and a start both refuse unusable files with the reason.
+    crate::tls::load(&tls.cert, &tls.key).map_err(|e| {
+        let (key, detail) = match &e {
+            crate::tls::TlsError::Cert { path, detail } => (
+                "server.tls.cert",
+                format!("cannot read certificates from {}: {detail}", path.display()),
+            ),
+            crate::tls::TlsError::Key { path, detail } => (
+                "server.tls.key",
+                format!(
+                    "cannot read a private key from {}: {detail}",
+                    path.display()
+                ),
+            ),
+            crate::tls::TlsError::Mismatch(detail) => ("server.tls", detail.clone()),
+        };
+        ConfigError::invalid(key, detail)
+    })?;
+    Ok(tls)
 }
 
 fn upstream_config(file: FileUpstream) -> Result<UpstreamConfig, ConfigError> {

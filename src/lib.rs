@@ -48,6 +48,7 @@ pub mod routes;
 pub mod sample_backend;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod wechat;
 
 pub use config::Config;

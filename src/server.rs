@@ -26,6 +26,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::gateway::Gateway;
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
+use crate::tls::TlsReloader;
 
 /// The two listeners wxgate serves.
 pub struct Listeners {
@@ -63,6 +64,8 @@ impl Listeners {
 /// A configured wxgate, ready to serve.
 pub struct Server {
     config: Config,
+    /// TLS on the main listener, when `[server.tls]` is set.
+    tls: Option<(tokio_rustls::TlsAcceptor, TlsReloader)>,
     auth: Option<Arc<AuthService>>,
     authenticator: Arc<dyn Authenticator>,
     metrics: Arc<Metrics>,
@@ -80,8 +83,13 @@ impl Server {
             Some(auth) => auth.clone(),
             None => Arc::new(Anonymous),
         };
+        let tls = match &config.server.tls {
+            Some(tls) => Some(crate::tls::acceptor(&tls.cert, &tls.key)?),
+            None => None,
+        };
         Ok(Server {
             config,
+            tls,
             auth,
             authenticator,
             metrics,
@@ -94,6 +102,12 @@ impl Server {
     pub fn with_authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
         self.authenticator = authenticator;
         self
+    }
+
+    /// Reloads the TLS certificate from its files (the binary calls it on SIGHUP); `None` without
+    /// `[server.tls]`.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.tls.as_ref().map(|(_, reloader)| reloader.clone())
     }
 
     /// The readiness flag `/readyz` reports.
@@ -151,12 +165,31 @@ impl Server {
                 () = &mut shutdown => break,
                 (accepted, permit) = accept_within(&listeners.main, &connections) => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
-                    let service = TowerToHyperService::new(gateway.service(peer, "http"));
-                    let connection = builder.serve_connection_with_upgrades(io(stream), service);
-                    let connection = graceful.watch(connection.into_owned());
+                    let Some((acceptor, _)) = &self.tls else {
+                        let service = TowerToHyperService::new(gateway.service(peer, "http"));
+                        let connection = builder.serve_connection_with_upgrades(io(stream), service);
+                        let connection = graceful.watch(connection.into_owned());
+                        spawn_connection(async move {
+                            let _permit = permit;
+                            connection.await
+                        }, peer, cut_off.clone());
+                        continue;
+                    };
+                    // The handshake runs in the connection's task, bounded by the header timeout, so
+                    // a slow or silent client never holds up the accept loop.
+                    let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                    let service = TowerToHyperService::new(gateway.service(peer, "https"));
+                    let handshake_timeout = self.config.limits.header_timeout;
                     spawn_connection(async move {
                         let _permit = permit;
-                        connection.await
+                        let _ = stream.set_nodelay(true);
+                        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}").into()),
+                            Err(_) => return Err("TLS handshake timed out".into()),
+                        };
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                        watcher.watch(connection.into_owned()).await
                     }, peer, cut_off.clone());
                 }
                 accepted = listeners.admin.accept() => {
@@ -192,12 +225,32 @@ impl Server {
 /// Serves `config` on freshly bound listeners until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let server = Server::new(config.clone()).await?;
+    if let Some(reloader) = server.tls_reloader() {
+        tokio::spawn(reload_on_sighup(reloader));
+    }
     let listeners = Listeners::bind(&config).await?;
     server.serve(listeners, shutdown).await?;
     Ok(())
 }
 
 /// HTTP/1.1 and HTTP/2 settings from `[limits]`.
+/// Reloads the TLS certificate on every SIGHUP; a failed reload keeps the current one.
+async fn reload_on_sighup(reloader: TlsReloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; certificates will not be reloaded");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match reloader.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; keeping the current one")
+            }
+        }
+    }
+}
+
 fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let mut http1 = builder.http1();

@@ -56,6 +56,8 @@ pub enum StartError {
     Wechat(#[from] crate::wechat::client::WechatError),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Everything the auth endpoints and the authenticator share.

@@ -14,3 +14,4 @@ mod phone;
 mod routing;
 mod secrets;
 mod support;
+mod tls;

@@ -130,6 +130,8 @@ pub struct Gate {
     /// Where the identity store lives (`DATADIR`); kept alive with the gate.
     pub data: Arc<tempfile::TempDir>,
     pub readiness: Readiness,
+    /// Reloads the certificate when `[server.tls]` is set.
+    pub tls: Option<wxgate::tls::TlsReloader>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -268,6 +270,7 @@ impl GateBuilder {
             server = server.with_authenticator(Arc::new(TestAuthenticator));
         }
         let readiness = server.readiness();
+        let tls = server.tls_reloader();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listeners, async {
             let _ = rx.await;
@@ -280,6 +283,7 @@ impl GateBuilder {
             wechat,
             data,
             readiness,
+            tls,
             shutdown: Some(tx),
             task: Some(task),
         }

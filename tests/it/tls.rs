@@ -1,0 +1,221 @@
+//! TLS termination: certificates made at run time (rcgen), HTTPS with HTTP/1.1 and HTTP/2 by ALPN,
+//! TLS 1.2 and 1.3, the handshake timeout, and a certificate reload that leaves open connections be.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::*;
+
+/// A self-signed certificate for localhost, written as PEM to `dir/cert.pem` and `dir/key.pem`.
+fn write_certificate(dir: &Path) -> CertificateDer<'static> {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem()).unwrap();
+    made.cert.der().clone()
+}
+
+async fn tls_gate(dir: &Path, limits: &str) -> Gate {
+    let config = ROUTES.replace(
+        "[upstream]",
+        &format!(
+            "[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n\n[upstream]",
+            dir.display()
+        ),
+    ) + &format!("\n[limits]\nauth_per_minute = 0\n{limits}\n");
+    Gate::with_config(&config).start().await
+}
+
+async fn connect(
+    gate: &Gate,
+    trusted: &[&CertificateDer<'static>],
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add((*cert).clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+const ALL: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// One HTTP/1.1 request per call on an open TLS connection.
+struct H1(hyper::client::conn::http1::SendRequest<wxgate::body::Body>);
+
+impl H1 {
+    async fn open(tls: TlsStream<TcpStream>) -> H1 {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        H1(sender)
+    }
+
+    async fn get(&mut self, path: &str) -> u16 {
+        let request = Request::get(path)
+            .header("host", "localhost")
+            .header("authorization", "Bearer good")
+            .body(wxgate::body::empty())
+            .unwrap();
+        self.0
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+#[tokio::test]
+async fn https_serves_http1_and_http2_by_alpn_with_tls_12_and_13() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path());
+    let gate = tls_gate(dir.path(), "").await;
+
+    let tls = connect(&gate, &[&cert], &[b"http/1.1"], ALL).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let mut h1 = H1::open(tls).await;
+    assert_eq!(h1.get("/api/orders").await, 200);
+    let seen = gate.seen();
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
+    assert_eq!(seen[0].headers["x-user-id"], USER);
+
+    let tls = connect(&gate, &[&cert], &[b"h2", b"http/1.1"], ALL).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("https://localhost/api/public/h2")
+        .body(wxgate::body::empty())
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+
+    let tls12 = connect(&gate, &[&cert], &[b"http/1.1"], &[&rustls::version::TLS12]).await;
+    assert_eq!(
+        tls12.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    assert_eq!(H1::open(tls12).await.get("/api/public/x").await, 200);
+}
+
+#[tokio::test]
+async fn silent_and_plaintext_clients_are_dropped_at_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certificate(dir.path());
+    let gate = tls_gate(dir.path(), "header_timeout = \"300ms\"").await;
+    let mut silent = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf))
+        .await
+        .expect("a client that never starts the handshake is cut off")
+        .unwrap();
+    let plain = raw(gate.addr, "GET /api/public/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(!plain.contains("200 OK"), "{plain}");
+    assert!(gate.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_connections_and_open_ones_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_certificate(dir.path());
+    let gate = tls_gate(dir.path(), "").await;
+    let tls = connect(&gate, &[&first], &[b"http/1.1"], ALL).await;
+    let mut open = H1::open(tls).await;
+    assert_eq!(open.get("/api/public/1").await, 200);
+
+    let second = write_certificate(dir.path());
+    gate.tls
+        .as_ref()
+        .unwrap()
+        .reload()
+        .expect("the new files load");
+    let fresh = connect(&gate, &[&first, &second], &[b"http/1.1"], ALL).await;
+    assert_eq!(
+        fresh.get_ref().1.peer_certificates().unwrap()[0],
+        second,
+        "new connections get the new certificate"
+    );
+    assert_eq!(
+        open.get("/api/public/2").await,
+        200,
+        "the open connection goes on"
+    );
+
+    // A broken file is refused and the current certificate stays.
+    std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+    assert!(gate.tls.as_ref().unwrap().reload().is_err());
+    let still = connect(&gate, &[&second], &[b"http/1.1"], ALL).await;
+    assert_eq!(still.get_ref().1.peer_certificates().unwrap()[0], second);
+}
+
+#[test]
+fn unusable_certificate_files_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certificate(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    write_certificate(other.path());
+    let config = |cert: &Path, key: &Path| {
+        format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let error = |text: String| {
+        wxgate::Config::parse("t.toml", &text, &|_| None)
+            .unwrap_err()
+            .to_string()
+    };
+    let missing = error(config(
+        &dir.path().join("nope.pem"),
+        &dir.path().join("key.pem"),
+    ));
+    assert!(
+        missing.contains("server.tls.cert: cannot read certificates"),
+        "{missing}"
+    );
+    let mismatch = error(config(
+        &dir.path().join("cert.pem"),
+        &other.path().join("key.pem"),
+    ));
+    assert!(mismatch.contains("does not belong"), "{mismatch}");
+    assert!(
+        wxgate::Config::parse(
+            "t.toml",
+            &config(&dir.path().join("cert.pem"), &dir.path().join("key.pem")),
+            &|_| None
+        )
+        .is_ok()
+    );
+}
