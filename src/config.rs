@@ -182,6 +182,9 @@ pub struct FileUpstream {
     pub pool_idle_timeout: Option<String>,
     /// Pass the client's `Host` header to the backend (`true`, default) or use the upstream's host.
     pub preserve_host: Option<bool>,
+    /// Speak HTTP/2 (cleartext, prior knowledge) to the backend instead of HTTP/1.1. Default false.
+    /// Upgrades (WebSocket) need HTTP/1.1.
+    pub http2: Option<bool>,
 }
 
 /// `[wechat]`
@@ -424,6 +427,7 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub preserve_host: bool,
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -891,6 +895,7 @@ fn upstream_config(file: FileUpstream) -> Result<UpstreamConfig, ConfigError> {
             Duration::from_secs(90),
         )?,
         preserve_host: file.preserve_host.unwrap_or(true),
+        http2: file.http2.unwrap_or(false),
     })
 }
 

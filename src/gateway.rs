@@ -28,10 +28,18 @@ use crate::error::{self, Error};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
-use crate::proxy::headers::{ClientInfo, HeaderRules};
+use crate::proxy::headers::{self, ClientInfo, HeaderRules};
 use crate::routes::{self, Policy, RouteTable};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Connections upgraded after a `101` (WebSocket and the like): tracked so that shutdown gives them
+/// the same grace period as requests in flight, and cut when it ends.
+#[derive(Clone, Default)]
+pub struct Tunnels {
+    pub tracker: tokio_util::task::TaskTracker,
+    pub cut_off: tokio_util::sync::CancellationToken,
+}
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
@@ -54,6 +62,7 @@ pub struct Gateway {
     max_body: u64,
     /// `limits.idle_timeout`: a request body that stalls this long fails the request.
     idle_timeout: std::time::Duration,
+    tunnels: Tunnels,
 }
 
 struct Labels {
@@ -91,6 +100,7 @@ impl Gateway {
         authenticator: Arc<dyn Authenticator>,
         metrics: Arc<Metrics>,
         limits: Arc<RateLimits>,
+        tunnels: Tunnels,
     ) -> Self {
         Gateway {
             routes: config.routes.clone(),
@@ -102,6 +112,7 @@ impl Gateway {
             upstream: Upstream::new(&config.upstream, config.limits.idle_timeout),
             max_body: config.limits.max_body,
             idle_timeout: config.limits.idle_timeout,
+            tunnels,
             metrics,
             labels: Labels {
                 invalid: Arc::from("invalid_path"),
@@ -269,6 +280,11 @@ impl Gateway {
             );
         }
 
+        // An HTTP/1.1 upgrade (a WebSocket handshake) keeps its two hop-by-hop headers, and the
+        // client's side of the connection, for when the backend agrees.
+        let upgrade = (parts.version == http::Version::HTTP_11)
+            .then(|| headers::requested_upgrade(&parts.headers))
+            .flatten();
         // HTTP/2 clients name the host in :authority; the backend and X-Forwarded-Host want Host.
         if !parts.headers.contains_key(header::HOST)
             && let Some(host) = parts
@@ -284,6 +300,13 @@ impl Gateway {
         {
             return Outcome::failed(route.name.clone(), Some(path), e);
         }
+        let client_upgrade = match upgrade {
+            Some(protocol) => {
+                headers::restore_upgrade(&mut parts.headers, protocol);
+                parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+            }
+            None => None,
+        };
         let body = match self.request_body(&parts.headers, incoming) {
             Ok(body) => body,
             Err(e) => return Outcome::failed(route.name.clone(), Some(path), e),
@@ -305,6 +328,26 @@ impl Gateway {
                 }
                 other => other,
             });
+        let result = match (result, client_upgrade) {
+            (Ok(mut response), Some(client))
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                match response
+                    .extensions_mut()
+                    .remove::<hyper::upgrade::OnUpgrade>()
+                {
+                    Some(upstream) => {
+                        self.tunnel(client, upstream);
+                        Ok(response)
+                    }
+                    None => Err(Error::Internal(
+                        "the backend switched protocols on a connection that cannot be upgraded"
+                            .into(),
+                    )),
+                }
+            }
+            (result, _) => result,
+        };
         Outcome {
             route: route.name.clone(),
             path: Some(path),
@@ -316,6 +359,32 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Joins the client's and the backend's upgraded connections and copies bytes both ways until
+    /// either closes, or shutdown's grace period ends.
+    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+        let cut_off = self.tunnels.cut_off.clone();
+        self.tunnels.tracker.spawn(
+            async move {
+                let (client, upstream) = match tokio::try_join!(client, upstream) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade failed");
+                        return;
+                    }
+                };
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                        tracing::debug!(?copied, "upgraded connection closed");
+                    }
+                    () = cut_off.cancelled() => tracing::debug!("upgraded connection cut off at shutdown"),
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
     /// The client's body as it is forwarded: refused at once when its declared length is over
     /// `limits.max_body`, cut when a chunked body grows past it or stalls for `limits.idle_timeout`.
     fn request_body(&self, headers: &HeaderMap, incoming: Incoming) -> Result<Body, Error> {

@@ -6,6 +6,8 @@
 //!   "body_sha256"}`, computed while the body streams in (an upload is never held in memory).
 //! - `?download=N` answers with N bytes (`0123456789` repeated), streamed in 64 KiB chunks.
 //! - [`Options::delay`] holds every response back, to play a slow backend.
+//! - An upgrade request (`Connection: upgrade`, `Upgrade: websocket`, ...) is answered `101` (with the
+//!   `Sec-WebSocket-Accept` a WebSocket client expects) and every byte sent afterwards is echoed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,6 +36,8 @@ pub struct Options {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: String,
+    /// `HTTP/1.1`, `HTTP/2.0`.
+    pub version: String,
     pub path: String,
     pub query: Option<String>,
     pub headers: HeaderMap,
@@ -100,12 +104,53 @@ impl SampleBackend {
     }
 }
 
+/// Answers an upgrade request with 101 and echoes the upgraded connection's bytes.
+fn upgrade(parts: &mut http::request::Parts) -> Option<Response<Body>> {
+    let wants = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = parts.headers.get(header::UPGRADE)?.clone();
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+    if !wants {
+        return None;
+    }
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let (mut reader, mut writer) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+        }
+    });
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) {
+        // RFC 6455 §4.2.2: base64(SHA-1(key + the protocol's GUID)).
+        use base64::Engine;
+        use sha1::Digest as _;
+        let mut sha1 = sha1::Sha1::new();
+        sha1.update(key.as_bytes());
+        sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finalize());
+        if let Ok(accept) = HeaderValue::try_from(accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+    }
+    Some(response)
+}
+
 async fn answer(request: Request<Incoming>, state: &State, options: &Options) -> Response<Body> {
-    let (parts, mut incoming) = request.into_parts();
+    let (mut parts, mut incoming) = request.into_parts();
     let index = {
         let mut requests = state.requests.lock().expect("not poisoned");
         requests.push(Recorded {
             method: parts.method.to_string(),
+            version: format!("{:?}", parts.version),
             path: parts.uri.path().to_owned(),
             query: parts.uri.query().map(str::to_owned),
             headers: parts.headers.clone(),
@@ -113,6 +158,9 @@ async fn answer(request: Request<Incoming>, state: &State, options: &Options) ->
         });
         requests.len() - 1
     };
+    if let Some(switching) = upgrade(&mut parts) {
+        return switching;
+    }
     let mut hasher = Sha256::new();
     let mut len = 0u64;
     while let Some(frame) = incoming.frame().await {

@@ -23,7 +23,7 @@ use crate::admin::{Admin, Readiness};
 use crate::auth::service::{AuthService, StartError};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Config, LimitsConfig};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Tunnels};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
 use crate::tls::TlsReloader;
@@ -125,12 +125,19 @@ impl Server {
         let main_addr = listeners.main.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
         let limits = Arc::new(RateLimits::new(&self.config.limits));
+        // Cancelled when the drain deadline passes: connections still open then are cut off.
+        let cut_off = CancellationToken::new();
+        let tunnels = Tunnels {
+            tracker: tokio_util::task::TaskTracker::new(),
+            cut_off: cut_off.clone(),
+        };
         let gateway = Arc::new(Gateway::new(
             &self.config,
             self.auth.clone(),
             self.authenticator.clone(),
             self.metrics.clone(),
             limits.clone(),
+            tunnels.clone(),
         ));
         // Rate-limit state of clients that have gone quiet is dropped once a minute.
         let pruning = tokio::spawn(async move {
@@ -152,8 +159,6 @@ impl Server {
         // (the kernel's backlog holds the newcomers meanwhile).
         let connections = Arc::new(Semaphore::new(self.config.limits.max_connections));
         let graceful = GracefulShutdown::new();
-        // Cancelled when the drain deadline passes: connections still open then are cut off.
-        let cut_off = CancellationToken::new();
 
         self.readiness.set(true);
         tracing::info!(listen = %main_addr, admin = %admin_addr, "wxgate ready");
@@ -210,8 +215,13 @@ impl Server {
         pruning.abort();
         drop(listeners);
         let open = graceful.count();
-        tracing::info!(connections = open, timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
-        match tokio::time::timeout(self.config.server.shutdown_timeout, graceful.shutdown()).await {
+        tunnels.tracker.close();
+        tracing::info!(connections = open, upgraded = tunnels.tracker.len(), timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
+        let drained = async {
+            graceful.shutdown().await;
+            tunnels.tracker.wait().await;
+        };
+        match tokio::time::timeout(self.config.server.shutdown_timeout, drained).await {
             Ok(()) => tracing::info!("all connections drained"),
             Err(_) => {
                 tracing::warn!("shutdown timeout reached; closing the remaining connections");
@@ -346,7 +356,9 @@ where
                 let response = handler(request);
                 async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
-            let connection = builder.serve_connection(io(stream), service).into_owned();
+            let connection = builder
+                .serve_connection_with_upgrades(io(stream), service)
+                .into_owned();
             tokio::spawn(async move {
                 let _ = connection.await;
             });

@@ -264,6 +264,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol a request asks to switch to: `Upgrade`'s value when `Connection` names `upgrade`
+/// (a WebSocket handshake, for one). Such requests keep those two headers on the way to the backend,
+/// and so does its `101` on the way back.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        .then(|| protocol.clone())
+}
+
+/// Puts back `Connection: upgrade` and `Upgrade` after the hop-by-hop headers were removed.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// Removes `Authorization: Bearer ...`: those are wxgate's tokens, meaningless and dangerous to a
 /// backend. Other schemes (Basic, a backend's own) pass through.
 fn remove_bearer_credentials(headers: &mut HeaderMap) {

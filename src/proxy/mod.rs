@@ -28,6 +28,8 @@ pub struct Upstream {
     preserve_host: bool,
     /// `limits.idle_timeout`: a response body that stalls this long is cut.
     idle_timeout: Duration,
+    /// The protocol spoken to the backend.
+    version: Version,
 }
 
 impl Upstream {
@@ -40,6 +42,7 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .http2_only(config.http2)
             .build(connector);
         Upstream {
             client,
@@ -51,6 +54,11 @@ impl Upstream {
             timeout: config.timeout,
             preserve_host: config.preserve_host,
             idle_timeout,
+            version: if config.http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
         }
     }
 
@@ -63,8 +71,8 @@ impl Upstream {
         path: &str,
     ) -> Result<Response<Body>, Error> {
         *request.uri_mut() = self.target(request.uri(), path)?;
-        // The client may speak HTTP/2 to us; the pool speaks HTTP/1.1 to the backend.
-        *request.version_mut() = Version::HTTP_11;
+        // Whatever the client speaks to us, the pool speaks the configured protocol to the backend.
+        *request.version_mut() = self.version;
         if !self.preserve_host {
             request
                 .headers_mut()
@@ -77,7 +85,13 @@ impl Upstream {
             Ok(Ok(response)) => response,
         };
         let (mut parts, incoming) = response.into_parts();
+        let switching = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
         headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = switching {
+            headers::restore_upgrade(&mut parts.headers, protocol);
+        }
         let body = body::boxed(body::IdleTimeout::new(incoming, self.idle_timeout));
         Ok(Response::from_parts(parts, body))
     }

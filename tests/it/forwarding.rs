@@ -286,3 +286,23 @@ async fn upstream_base_path_is_prepended() {
     assert_eq!(gate.seen()[0].path, "/v1/api/public/x");
     assert_eq!(gate.seen()[0].query.as_deref(), Some("q=1"));
 }
+
+#[tokio::test]
+async fn the_backend_can_be_spoken_to_in_http2() {
+    let config = ROUTES.replace("timeout = \"2s\"", "timeout = \"2s\"\nhttp2 = true");
+    let gate = Gate::with_config(&config).start().await;
+    let reply = Http::h1()
+        .send(
+            Method::POST,
+            &gate.url("/api/orders?x=1"),
+            &[("authorization", "Bearer good")],
+            bytes_body("over h2"),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["body_len"], 7);
+    let seen = gate.seen();
+    assert_eq!(seen[0].version, "HTTP/2.0");
+    assert_eq!(seen[0].headers["x-user-id"], USER);
+    assert_eq!(seen[0].query.as_deref(), Some("x=1"));
+}

@@ -15,3 +15,4 @@ mod routing;
 mod secrets;
 mod support;
 mod tls;
+mod websocket;
