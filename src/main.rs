@@ -34,6 +34,9 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit: 0 when it is usable, 64 with the reason when not.
     Check,
+    /// Ask the running wxgate's admin listener (`server.admin_listen`) whether it is ready: exit 0
+    /// when /readyz answers 200, 1 otherwise. For container health checks (no curl needed).
+    Healthcheck,
     /// Run the mock WeChat API (for local development, SDK tests and benchmarks; never production).
     MockWechat(wxgate::wechat::mock::CliArgs),
     /// Run the sample backend that echoes what it receives (for the SDK tests, demos and benchmarks).
@@ -43,6 +46,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let check = matches!(cli.command, Some(Command::Check));
+    let healthcheck = matches!(cli.command, Some(Command::Healthcheck));
     let helper = match cli.command {
         Some(Command::MockWechat(args)) => {
             Some(("mock-wechat", wxgate::wechat::mock::run_cli(args)))
@@ -71,6 +75,15 @@ fn main() -> ExitCode {
     if check {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
+    }
+    if healthcheck {
+        return match ready(config.server.admin_listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wxgate healthcheck: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     init_logging(&config.log);
     let runtime = match config.server.workers {
@@ -124,6 +137,37 @@ fn init_logging(log: &wxgate::config::LogConfig) {
             .with_current_span(true)
             .with_span_list(false)
             .init(),
+    }
+}
+
+/// `GET /readyz` on the admin listener (on loopback when it listens on every address).
+fn ready(admin: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let mut addr = admin;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("cannot ask {addr}: {e}"))?;
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    match &head {
+        b"HTTP/1.1 200" => Ok(()),
+        other => Err(format!(
+            "{addr}/readyz answered {}",
+            String::from_utf8_lossy(other)
+        )),
     }
 }
 

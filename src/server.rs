@@ -236,7 +236,10 @@ impl Server {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let server = Server::new(config.clone()).await?;
     if let Some(reloader) = server.tls_reloader() {
-        tokio::spawn(reload_on_sighup(reloader));
+        // Installed before the listeners are bound, so no SIGHUP after readiness is missed (or kills
+        // the process with the default action).
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(reload_on_sighup(hangup, reloader));
     }
     let listeners = Listeners::bind(&config).await?;
     server.serve(listeners, shutdown).await?;
@@ -245,12 +248,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 /// HTTP/1.1 and HTTP/2 settings from `[limits]`.
 /// Reloads the TLS certificate on every SIGHUP; a failed reload keeps the current one.
-async fn reload_on_sighup(reloader: TlsReloader) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; certificates will not be reloaded");
-        return;
-    };
+async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, reloader: TlsReloader) {
     while hangup.recv().await.is_some() {
         match reloader.reload() {
             Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),

@@ -35,7 +35,7 @@ async fn tls_gate(dir: &Path, limits: &str) -> Gate {
 }
 
 async fn connect(
-    gate: &Gate,
+    gate: &impl Addressed,
     trusted: &[&CertificateDer<'static>],
     alpn: &[&[u8]],
     versions: &[&'static rustls::SupportedProtocolVersion],
@@ -52,11 +52,31 @@ async fn connect(
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let tcp = TcpStream::connect(gate.address()).await.unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake")
+}
+
+/// Something listening: a [`Gate`], or a wxgate process at an address.
+trait Addressed {
+    fn address(&self) -> std::net::SocketAddr;
+}
+
+impl Addressed for Gate {
+    fn address(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+/// A wxgate process's main address.
+struct At(std::net::SocketAddr);
+
+impl Addressed for At {
+    fn address(&self) -> std::net::SocketAddr {
+        self.0
+    }
 }
 
 const ALL: &[&rustls::SupportedProtocolVersion] =
@@ -218,4 +238,85 @@ fn unusable_certificate_files_are_config_errors() {
         )
         .is_ok()
     );
+}
+
+/// The real binary: `wxgate healthcheck` reports readiness, and SIGHUP reloads the certificate.
+#[tokio::test]
+async fn the_binary_reloads_its_certificate_on_sighup_and_answers_healthcheck() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_certificate(dir.path());
+    let backend =
+        wxgate::sample_backend::SampleBackend::start(bind().await, Default::default()).unwrap();
+    let (main, admin) = (bind().await, bind().await);
+    let (listen, admin_addr) = (main.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((main, admin));
+    let config = dir.path().join("wxgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_addr}\"\n[server.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n\
+             [upstream]\nurl = \"{1}\"\n[[routes]]\nprefix = \"/\"\nauth = \"public\"\n",
+            dir.path().display(),
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_wxgate");
+    let healthcheck = || {
+        Command::new(bin)
+            .args(["healthcheck", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(healthcheck(), Some(1), "nothing is listening yet");
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while healthcheck() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wxgate did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gate_like = At(listen);
+    let tls = connect(&gate_like, &[&first], &[b"http/1.1"], ALL).await;
+    assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], first);
+
+    let second = write_certificate(dir.path());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tls = connect(&gate_like, &[&first, &second], &[b"http/1.1"], ALL).await;
+        if tls.get_ref().1.peer_certificates().unwrap()[0] == second {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGHUP did not stop it; SIGTERM did, cleanly"
+    );
+    assert_eq!(healthcheck(), Some(1), "stopped");
 }
