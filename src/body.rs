@@ -54,11 +54,13 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 pin_project! {
     /// A body that fails with [`BodyIdle`] when no frame arrives for `idle`: a stalled upload or
     /// download does not hold a connection and a backend connection forever.
+    ///
+    /// The timer is armed only when the inner body first has nothing ready, so a small body that
+    /// arrives with its headers (most API responses) never touches the timer wheel.
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,
-        #[pin]
-        deadline: Sleep,
+        deadline: Option<Pin<Box<Sleep>>>,
         idle: Duration,
     }
 }
@@ -67,7 +69,7 @@ impl<B> IdleTimeout<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
         IdleTimeout {
             inner,
-            deadline: tokio::time::sleep(idle),
+            deadline: None,
             idle,
         }
     }
@@ -90,16 +92,24 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.deadline.as_mut().reset(Instant::now() + *this.idle);
+                if let Some(deadline) = this.deadline.as_mut() {
+                    deadline.as_mut().reset(Instant::now() + *this.idle);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.deadline.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = *this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
