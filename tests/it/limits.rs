@@ -255,3 +255,22 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
         .unwrap();
     assert_eq!(&buf, b"HTTP/1.1 200");
 }
+
+#[tokio::test]
+async fn auth_bodies_are_capped_at_64_kib() {
+    let gate = Gate::login().await;
+    let padding = "x".repeat(70 * 1024);
+    let reply = gate
+        .post_json(
+            "/auth/login",
+            &json!({ "code": "abc", "encryptedData": padding }),
+        )
+        .await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.error(), "payload_too_large");
+    assert_eq!(
+        gate.wechat.calls(wxgate::wechat::mock::JSCODE2SESSION),
+        0,
+        "refused before WeChat is asked"
+    );
+}
