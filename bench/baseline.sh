@@ -15,18 +15,11 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 WORKERS=${WORKERS:-1}
 
-need() {
-  command -v "$1" >/dev/null 2>&1 && return
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-  else
-    echo "bench: $1 is missing; install the Debian package $2" >&2; exit 1
-  fi
-}
+# shellcheck source=bench/common.sh
+. bench/common.sh
 need wrk wrk
 need nginx nginx-light
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND_PORT=$(free_port); GATE_PORT=$(free_port); ADMIN_PORT=$(free_port)
 WORK=$(mktemp -d)
 cleanup() {
@@ -36,21 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$BACKEND_PORT;
-    location / { return 200 "hello from the backend\n"; }
-  }
-}
-EOF
-nginx -c "$WORK/nginx.conf"
+start_backend "$BACKEND_PORT" "$WORK"
 
 cargo build --release --quiet
 cat >"$WORK/wxgate.toml" <<EOF

@@ -15,7 +15,11 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/common.sh
+. bench/common.sh
+need wrk wrk
+need nginx nginx-light
+need bc bc
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -26,18 +30,7 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND_PORT=$(free_port)
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello from the backend\n"; } }
-}
-CONF
-nginx -c "$WORK/nginx.conf"
+start_backend "$BACKEND_PORT" "$WORK"
 
 start() { # name binary; sets PORT
   local admin

@@ -14,8 +14,9 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 WORKERS=${WORKERS:-1}
 
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/common.sh
+. bench/common.sh
+need wrk wrk
 GATE_PORT=$(free_port); ADMIN_PORT=$(free_port); MOCK_PORT=$(free_port)
 WORK=$(mktemp -d)
 cleanup() { kill ${GATE_PID:-} ${MOCK_PID:-} 2>/dev/null || true; rm -rf "$WORK"; }

@@ -161,6 +161,18 @@ fn version_is_printed() {
     );
 }
 
+/// The child's stderr, line by line, read on a thread of its own (the receiver ends with the process).
+fn log_lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// The real binary: a request in flight when SIGTERM arrives is answered, then the process exits 0.
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_request_and_exits_zero() {
@@ -185,13 +197,7 @@ async fn sigterm_drains_an_in_flight_request_and_exits_zero() {
         .spawn()
         .unwrap();
     // Read the log on a thread; the ready line says where it listens.
-    let (tx, rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = log_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(20);
     let listen = loop {
         let line = rx
@@ -259,13 +265,7 @@ async fn run_and_log(log: &str) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = log_lines(&mut child);
     let ready = format!("http://{admin_addr}/readyz");
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(admin_addr).await.is_err()
