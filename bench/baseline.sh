@@ -32,20 +32,7 @@ trap cleanup EXIT
 start_backend "$BACKEND_PORT" "$WORK"
 
 cargo build --release --quiet
-cat >"$WORK/wxgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$GATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-workers = $WORKERS
-[upstream]
-url = "http://127.0.0.1:$BACKEND_PORT"
-[[routes]]
-prefix = "/public/"
-auth = "public"
-[[routes]]
-prefix = "/"
-auth = "required"
-EOF
+gate_config "$GATE_PORT" "$ADMIN_PORT" "$BACKEND_PORT" "$WORKERS" >"$WORK/wxgate.toml"
 RUST_LOG=warn ./target/release/wxgate --config "$WORK/wxgate.toml" 2>"$WORK/wxgate.log" &
 GATE_PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && break; sleep 0.1; done

@@ -32,3 +32,22 @@ http {
 CONF
   nginx -c "$2/nginx.conf"
 }
+
+# gate_config PORT ADMIN_PORT BACKEND_PORT WORKERS: the wxgate config every proxy scenario uses, on
+# stdout: /public/ is public, everything else required.
+gate_config() {
+  cat <<CONF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+workers = $4
+[upstream]
+url = "http://127.0.0.1:$3"
+[[routes]]
+prefix = "/public/"
+auth = "public"
+[[routes]]
+prefix = "/"
+auth = "required"
+CONF
+}

@@ -35,20 +35,7 @@ start_backend "$BACKEND_PORT" "$WORK"
 start() { # name binary; sets PORT
   local admin
   PORT=$(free_port); admin=$(free_port)
-  cat >"$WORK/$1.toml" <<CONF
-[server]
-listen = "127.0.0.1:$PORT"
-admin_listen = "127.0.0.1:$admin"
-workers = 1
-[upstream]
-url = "http://127.0.0.1:$BACKEND_PORT"
-[[routes]]
-prefix = "/public/"
-auth = "public"
-[[routes]]
-prefix = "/"
-auth = "required"
-CONF
+  gate_config "$PORT" "$admin" "$BACKEND_PORT" 1 >"$WORK/$1.toml"
   RUST_LOG=warn "$2" --config "$WORK/$1.toml" >/dev/null 2>"$WORK/$1.log" &
   PIDS+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done

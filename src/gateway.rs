@@ -417,14 +417,16 @@ impl Gateway {
         if route.policy == Policy::Public {
             return Ok(None);
         }
-        let via = credential(headers).map(|(_, via)| via);
-        if via == Some(Via::Cookie) && !is_safe(method) && !self.origin_allowed(headers) {
-            return Err((Error::CrossOrigin, via));
+        // Where the credential came from matters only for writes and refusals: the common case, an
+        // accepted GET, does not parse it twice.
+        let via = || credential(headers).map(|(_, via)| via);
+        if !is_safe(method) && via() == Some(Via::Cookie) && !self.origin_allowed(headers) {
+            return Err((Error::CrossOrigin, Some(Via::Cookie)));
         }
         match self.authenticator.authenticate(headers).await {
-            Ok(None) if route.policy == Policy::Required => Err((Error::LoginRequired, via)),
+            Ok(None) if route.policy == Policy::Required => Err((Error::LoginRequired, via())),
             Ok(identity) => Ok(identity),
-            Err(e) => Err((e, via)),
+            Err(e) => Err((e, via())),
         }
     }
 

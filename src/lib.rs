@@ -23,9 +23,12 @@
 //! - [`server`]: listeners, accept loop, graceful shutdown;
 //! - [`gateway`]: the per-request pipeline;
 //! - [`routes`]: path normalisation and route policy;
-//! - [`auth`]: the authenticator seam and wxgate's own endpoints (login, refresh, logout, session);
+//! - [`auth`]: the authenticator seam and wxgate's own endpoints (login, OAuth and the browser flow,
+//!   refresh, logout, session, user info, phone);
 //! - [`wechat`]: the WeChat API client and the mock WeChat;
 //! - [`identity`]: identity rules and the identity store (SQLite);
+//! - [`limits`]: rate limits per client address and per user;
+//! - [`tls`]: TLS termination and certificate reload;
 //! - [`session`]: sessions, tokens and the session store (memory);
 //! - [`proxy`]: header hygiene and the upstream client;
 //! - [`error`]: the one error type and its responses;
