@@ -14,45 +14,40 @@ use sha2::{Digest, Sha256};
 use super::open_data;
 use super::service::{App, AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
 use crate::body::Body;
-use crate::config::Secret;
 use crate::error::Error;
 use crate::identity::LoginIds;
-use crate::wechat::client::{CodeSession, WechatClient, WechatError};
+use crate::wechat::client::WechatError;
 
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
 pub const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
-/// Answers of WeChat per code, keyed by a hash of (appid, code) so no code is kept in memory.
-pub struct CodeExchanges {
-    answers: Cache<[u8; 32], Result<CodeSession, WechatError>>,
+/// WeChat's answers per single-use code (a `wx.login()` code, an OAuth code), kept for the code's
+/// life and keyed by a hash of (appid, code) so no code is kept in memory.
+pub struct CodeExchanges<T> {
+    answers: Cache<[u8; 32], Result<T, WechatError>>,
 }
 
-impl Default for CodeExchanges {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl CodeExchanges {
-    pub fn new() -> Self {
+impl<T: Clone + Send + Sync + 'static> CodeExchanges<T> {
+    /// Answers kept for `lifetime`, the longest the code could still be presented.
+    pub fn new(lifetime: Duration) -> Self {
         CodeExchanges {
             answers: Cache::builder()
                 // Each answer is a few hundred bytes; past this, the oldest codes lose only their
                 // retry protection.
                 .max_capacity(200_000)
-                .time_to_live(CODE_LIFETIME)
+                .time_to_live(lifetime)
                 .build(),
         }
     }
 
-    /// WeChat's answer for `code`: asked once, however many callers ask at the same time or later.
+    /// WeChat's answer for `code` of `appid`: `ask` runs once, however many callers present the
+    /// code at the same time or later.
     pub async fn exchange(
         &self,
-        wechat: &WechatClient,
         appid: &str,
-        secret: &Secret,
         code: &str,
-    ) -> Result<CodeSession, WechatError> {
+        ask: impl Future<Output = Result<T, WechatError>>,
+    ) -> Result<T, WechatError> {
         let mut hasher = Sha256::new();
         hasher.update(appid.as_bytes());
         hasher.update([0]);
@@ -60,9 +55,7 @@ impl CodeExchanges {
         let key: [u8; 32] = hasher.finalize().into();
         // moka runs one `init` per key and hands its value to every concurrent caller (single flight),
         // then keeps it for the code's lifetime.
-        self.answers
-            .get_with(key, wechat.jscode2session(appid, secret, code))
-            .await
+        self.answers.get_with(key, ask).await
     }
 }
 
@@ -121,7 +114,11 @@ impl AuthService {
         let appid = app.config.appid.as_str();
         let exchanged = self
             .exchanges
-            .exchange(&self.wechat, appid, &app.config.secret, &code)
+            .exchange(
+                appid,
+                &code,
+                self.wechat.jscode2session(appid, &app.config.secret, &code),
+            )
             .await
             .map_err(login_error)?;
         // User info sent with the code comes from the same wx.login() round: this exchange's

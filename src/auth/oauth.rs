@@ -24,14 +24,14 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::login::{login_error, looks_like_code};
+use super::login::{CodeExchanges, login_error, looks_like_code};
 use super::service::{App, AppChoice, AuthService, NewSession, no_store};
 use crate::body::{self, Body};
-use crate::config::{AppKind, Secret};
+use crate::config::AppKind;
 use crate::error::Error;
 use crate::identity::LoginIds;
 use crate::session::token::random_bytes;
-use crate::wechat::client::{OauthGrant, WechatClient, WechatError};
+use crate::wechat::client::OauthGrant;
 
 /// The session cookie of browser logins. `__Host-` makes browsers insist on `Secure`, `Path=/` and no
 /// `Domain`: the cookie stays on the exact host that set it.
@@ -66,7 +66,7 @@ struct Pending {
 
 /// WeChat's answers per OAuth code, and the browser logins in progress.
 pub struct OauthState {
-    answers: Cache<[u8; 32], Result<OauthGrant, WechatError>>,
+    answers: CodeExchanges<OauthGrant>,
     /// SHA-256 of the state -> the login it started. Removed on first use.
     pending: Cache<[u8; 32], Pending>,
 }
@@ -80,10 +80,7 @@ impl Default for OauthState {
 impl OauthState {
     pub fn new() -> Self {
         OauthState {
-            answers: Cache::builder()
-                .max_capacity(200_000)
-                .time_to_live(OAUTH_CODE_LIFETIME)
-                .build(),
+            answers: CodeExchanges::new(OAUTH_CODE_LIFETIME),
             // Bounded, so a flood of starts cannot grow memory without limit; past it, the oldest
             // unfinished logins are forgotten and have to be started again.
             pending: Cache::builder()
@@ -91,22 +88,6 @@ impl OauthState {
                 .time_to_live(STATE_LIFETIME)
                 .build(),
         }
-    }
-
-    /// WeChat's answer for an OAuth `code` of `appid`: asked once however often it is presented.
-    async fn exchange(
-        &self,
-        wechat: &WechatClient,
-        appid: &str,
-        secret: &Secret,
-        code: &str,
-    ) -> Result<OauthGrant, WechatError> {
-        self.answers
-            .get_with(
-                sha256_of(&[appid.as_bytes(), code.as_bytes()]),
-                wechat.oauth_access_token(appid, secret, code),
-            )
-            .await
     }
 }
 
@@ -209,7 +190,13 @@ impl AuthService {
         let appid = app.config.appid.as_str();
         let grant = self
             .oauth
-            .exchange(&self.wechat, appid, &app.config.secret, code)
+            .answers
+            .exchange(
+                appid,
+                code,
+                self.wechat
+                    .oauth_access_token(appid, &app.config.secret, code),
+            )
             .await
             .map_err(login_error)?;
         if grant.snapshot_user {

@@ -41,7 +41,7 @@ use crate::session::memory::MemoryStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
 use crate::session::{Rotation, Session, SessionStore, UserChange};
 use crate::wechat::access_token::{AccessTokens, LocalAccessTokens};
-use crate::wechat::client::WechatClient;
+use crate::wechat::client::{CodeSession, WechatClient};
 
 /// Largest body accepted by wxgate's own endpoints; the biggest legitimate one is a login carrying
 /// encrypted user info, a few KiB.
@@ -68,7 +68,7 @@ pub struct AuthService {
     pub(super) sessions: Arc<dyn SessionStore>,
     pub(super) tokens: Tokens,
     pub(super) refresh_ttl: u64,
-    pub(super) exchanges: CodeExchanges,
+    pub(super) exchanges: CodeExchanges<CodeSession>,
     pub(super) watermark_max_age: u64,
     pub(super) metrics: Arc<Metrics>,
     pub(super) access_tokens: Arc<dyn AccessTokens>,
@@ -167,7 +167,7 @@ impl AuthService {
             sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
             refresh_ttl: config.session.refresh_ttl.as_secs(),
-            exchanges: CodeExchanges::new(),
+            exchanges: CodeExchanges::new(super::login::CODE_LIFETIME),
             oauth: OauthState::new(),
             auth_prefix: config.server.auth_prefix.clone(),
             open_base: config.wechat.open_base.clone(),
