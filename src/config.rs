@@ -1239,6 +1239,9 @@ fn identity_config(file: FileIdentity) -> Result<IdentityConfig, ConfigError> {
             path: PathBuf::from(path),
         }
     } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        if let Err(why) = crate::identity::postgres::parse_url(text) {
+            return Err(ConfigError::invalid("identity.store", why));
+        }
         IdentityStoreConfig::Postgres {
             url: Secret::new(text),
         }

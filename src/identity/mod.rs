@@ -1,7 +1,9 @@
 //! Who a WeChat user is: the identity rules of DESIGN.md, turning (appid, openid) and unionid into one
-//! stable `user_id`. The rules live here; the stores ([`sqlite`]) only keep links and apply a rule
-//! atomically. Nothing here knows about sessions or tokens.
+//! stable `user_id`. The rules live here; the stores ([`sqlite`], [`postgres`]) only keep links and
+//! apply a rule atomically. Nothing here knows about sessions or tokens.
 
+pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -129,10 +131,8 @@ impl Identities {
             (UserIdMode::Internal, IdentityStoreConfig::Sqlite { path }) => {
                 Some(Arc::new(sqlite::SqliteStore::open(path).await?))
             }
-            (UserIdMode::Internal, IdentityStoreConfig::Postgres { .. }) => {
-                return Err(StoreError(
-                    "identity.store: PostgreSQL is not supported by this build yet; use sqlite://PATH".into(),
-                ));
+            (UserIdMode::Internal, IdentityStoreConfig::Postgres { url }) => {
+                Some(Arc::new(postgres::PostgresStore::open(url.expose()).await?))
             }
             (UserIdMode::UnionId | UserIdMode::OpenId, _) => None,
         };

@@ -3,6 +3,7 @@
 mod admin;
 mod forward_auth;
 mod forwarding;
+mod identity_stores;
 mod lifecycle;
 mod limits;
 mod login;
@@ -13,6 +14,7 @@ mod open_data;
 mod phone;
 mod routing;
 mod secrets;
+mod servers;
 mod support;
 mod tls;
 mod websocket;
