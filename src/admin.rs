@@ -56,8 +56,8 @@ impl Admin {
             "/users" => self.user(request.uri().query()).await,
             path if path.starts_with("/users/") => self.user_by_id(&path["/users/".len()..]).await,
             "/metrics" => {
-                if let Some(auth) = &self.auth {
-                    self.metrics.set_sessions(auth.sessions().len());
+                if let Some(sessions) = self.auth.as_ref().and_then(|a| a.sessions().count()) {
+                    self.metrics.set_sessions(sessions);
                 }
                 let mut response = Response::new(body::full(self.metrics.render()));
                 response.headers_mut().insert(
@@ -128,15 +128,36 @@ impl Admin {
                 &json!({"status": "not_ready", "message": "Starting up or shutting down."}),
             );
         }
-        if let Some(auth) = &self.auth
-            && let Err(e) = auth.ready().await
-        {
-            tracing::warn!(error = %e, "not ready: identity store does not answer");
-            return body::json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "message": "The identity store does not answer."}),
-            );
+        let Some(auth) = &self.auth else {
+            return body::json(StatusCode::OK, &json!({"status": "ready"}));
+        };
+        // The session store decides: without it no authenticated request can be served, so the
+        // instance is taken out. The identity store only serves logins: while it is down, sessions
+        // already issued keep working, and taking every instance out (they share the store) would
+        // stop those too; the instance reports itself degraded and stays in.
+        let (sessions, identities) = auth.ready().await;
+        let state = |up: bool| if up { "up" } else { "down" };
+        let checks =
+            json!({"sessions": state(sessions.is_ok()), "identities": state(identities.is_ok())});
+        if let Err(e) = &sessions {
+            tracing::warn!(error = %e, "not ready: the session store does not answer");
         }
-        body::json(StatusCode::OK, &json!({"status": "ready"}))
+        if let Err(e) = &identities {
+            tracing::warn!(error = %e, "degraded: the identity store does not answer; logins fail");
+        }
+        match (sessions, identities) {
+            (Err(_), _) => body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "message": "The session store does not answer.", "checks": checks}),
+            ),
+            (Ok(()), Err(_)) => body::json(
+                StatusCode::OK,
+                &json!({"status": "degraded", "message": "The identity store does not answer: logins fail, sessions work.", "checks": checks}),
+            ),
+            (Ok(()), Ok(())) => body::json(
+                StatusCode::OK,
+                &json!({"status": "ready", "checks": checks}),
+            ),
+        }
     }
 }

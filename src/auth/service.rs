@@ -55,7 +55,7 @@ pub enum StartError {
     #[error("{0}")]
     Wechat(#[from] crate::wechat::client::WechatError),
     #[error("{0}")]
-    Unsupported(&'static str),
+    Sessions(#[from] crate::session::StoreError),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -145,11 +145,10 @@ impl AuthService {
                 config.session.max_sessions,
                 config.session.refresh_ttl,
             )),
-            SessionStoreConfig::Redis { .. } => {
-                return Err(StartError::Unsupported(
-                    "session.store: Redis is not supported by this build yet; use \"memory\"",
-                ));
-            }
+            SessionStoreConfig::Redis { url } => Arc::new(crate::session::redis::RedisStore::open(
+                url.expose(),
+                config.session.refresh_ttl,
+            )?),
         };
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
         Ok(Some(AuthService {
@@ -469,9 +468,14 @@ impl AuthService {
         Ok((session, app))
     }
 
-    /// Whether the stores answer, for `/readyz`.
-    pub async fn ready(&self) -> Result<(), crate::identity::StoreError> {
-        self.identities.ping().await
+    /// Whether each store answers, for `/readyz`: (sessions, identities), checked at once.
+    pub async fn ready(
+        &self,
+    ) -> (
+        Result<(), crate::session::StoreError>,
+        Result<(), crate::identity::StoreError>,
+    ) {
+        tokio::join!(self.sessions.ping(), self.identities.ping())
     }
 
     /// The identity rules and store, for the admin lookup.

@@ -186,10 +186,10 @@ impl SessionStore for MemoryStore {
             .unwrap_or_default())
     }
 
-    fn len(&self) -> u64 {
+    fn count(&self) -> Option<u64> {
         // moka counts lazily; settle its pending bookkeeping first (cheap, and only on a scrape).
         self.sessions.run_pending_tasks();
-        self.sessions.entry_count()
+        Some(self.sessions.entry_count())
     }
 }
 

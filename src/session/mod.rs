@@ -4,6 +4,7 @@
 //! The session_key never leaves the server.
 
 pub mod memory;
+pub mod redis;
 pub mod token;
 
 use std::sync::Arc;
@@ -141,10 +142,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The session_keys of (appid, openid), newest first.
     async fn session_keys(&self, appid: &str, openid: &str) -> Result<Vec<Secret>, StoreError>;
 
-    /// Live sessions (approximate), for metrics.
-    fn len(&self) -> u64;
+    /// Live sessions (approximate), for metrics; `None` when the store cannot count them cheaply.
+    fn count(&self) -> Option<u64>;
 
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }

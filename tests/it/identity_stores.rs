@@ -109,7 +109,7 @@ async fn an_openid_only_user_is_merged_into_the_unionid_user() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(survivor.merged_from, [orphan.user_id.clone()]);
+        assert_eq!(survivor.merged_from, std::slice::from_ref(&orphan.user_id));
         assert_eq!(
             openids(&*store, &person.user_id).await,
             [("wxA".into(), "oA".into()), ("wxB".into(), "oB".into())]

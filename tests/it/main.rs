@@ -1,6 +1,7 @@
 //! Integration tests: a sample backend and wxgate on 127.0.0.1:0, talking over real sockets.
 
 mod admin;
+mod cluster;
 mod forward_auth;
 mod forwarding;
 mod identity_stores;

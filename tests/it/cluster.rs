@@ -1,0 +1,414 @@
+//! Three wxgate instances on one Redis (sessions) and one PostgreSQL (identities), as behind a load
+//! balancer: they must behave as one. Real servers, see `servers.rs`.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::servers::{RedisServer, Relay, TestDatabase};
+use wxgate::wechat::mock::OauthKind;
+
+use crate::support::{Gate, Http, LOGIN, MOBILE_APPID, MOBILE_SECRET, SHOP_APPID};
+
+/// A cluster: three gates sharing one mock WeChat, one Redis and one database.
+pub struct Cluster {
+    pub gates: Vec<Gate>,
+    pub redis: RedisServer,
+    pub db: TestDatabase,
+}
+
+/// [`LOGIN`] plus the company's mobile app, with the shared stores; `postgres` is the URL wxgate
+/// uses (directly or via a relay).
+pub fn cluster_config(redis: &RedisServer, postgres: &str) -> String {
+    LOGIN
+        .replace("sqlite://DATADIR/identities.db", postgres)
+        .replace(
+            "[session]\n",
+            &format!("[session]\nstore = \"{}\"\n", redis.url()),
+        )
+        .replace("[wechat]\n", "[wechat]\nopen_base = \"WECHAT\"\n")
+        .replace(
+            "[identity]\n",
+            &format!(
+                "[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"{MOBILE_APPID}\"\nsecret = \"{MOBILE_SECRET}\"\n\n[identity]\n"
+            ),
+        )
+}
+
+impl Cluster {
+    /// Three instances, or `None` when the servers are not available (the skip is announced).
+    pub async fn start() -> Option<Cluster> {
+        let redis = RedisServer::start().await?;
+        let db = TestDatabase::create().await?;
+        let toml = cluster_config(&redis, &db.url);
+        Some(Cluster::with(redis, db, toml).await)
+    }
+
+    pub async fn with(redis: RedisServer, db: TestDatabase, toml: String) -> Cluster {
+        let first = Gate::with_config(&toml).real_auth().start().await;
+        let mut gates = vec![];
+        for _ in 0..2 {
+            gates.push(first.restart_builder(&toml).start().await);
+        }
+        gates.insert(0, first);
+        for gate in &gates {
+            // Each instance subscribes to invalidations in the background; it reports ready on /readyz
+            // once Redis answers.
+            wait_ready(gate).await;
+        }
+        Cluster { gates, redis, db }
+    }
+}
+
+pub async fn readyz(gate: &Gate) -> (u16, serde_json::Value) {
+    let reply = Http::h1()
+        .get(&format!("http://{}/readyz", gate.admin), &[])
+        .await;
+    (reply.status.as_u16(), reply.json())
+}
+
+async fn wait_ready(gate: &Gate) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(gate).await.0 != 200 {
+        assert!(Instant::now() < deadline, "instance not ready within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` every 10 ms until it holds, failing after `limit`; returns how long it took.
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn token(body: &serde_json::Value, name: &str) -> String {
+    body[name].as_str().expect(name).to_owned()
+}
+
+#[tokio::test]
+async fn logins_spread_over_instances_give_one_user_per_person_and_one_session() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let mut users = std::collections::HashMap::new();
+    for round in 0..3 {
+        for (i, person) in ["ann", "ben", "cat", "dan", "eve"].iter().enumerate() {
+            let gate = &cluster.gates[(i + round) % 3];
+            let login = gate.logged_in(person).await;
+            let user_id = token(&login, "user_id");
+            assert_eq!(
+                users.entry(*person).or_insert_with(|| user_id.clone()),
+                &user_id,
+                "{person} is one user whichever instance they log in at"
+            );
+            // The session made on one instance works on the others.
+            let access = token(&login, "access_token");
+            for other in &cluster.gates {
+                let reply = other.get_with_token("/api/orders", &access).await;
+                assert_eq!(reply.status, 200);
+                let seen = other.seen().pop().expect("the backend saw it");
+                assert_eq!(seen.headers["x-user-id"], user_id.as_str());
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = users.values().collect();
+    assert_eq!(distinct.len(), 5);
+    let mut conn = cluster.db.connect().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, 5, "one row per person in PostgreSQL");
+}
+
+#[tokio::test]
+async fn a_logout_on_one_instance_is_refused_on_the_others_within_a_second() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let [a, b, c] = &cluster.gates[..] else {
+        unreachable!()
+    };
+    let login = a.logged_in("fay").await;
+    let access = token(&login, "access_token");
+    // B and C have the session in their local caches.
+    for gate in [b, c] {
+        assert_eq!(
+            gate.get_with_token("/api/orders", &access).await.status,
+            200
+        );
+    }
+    let logout = Http::h1()
+        .send(
+            http::Method::POST,
+            &a.url("/auth/logout"),
+            &[("Authorization", &format!("Bearer {access}"))],
+            wxgate::body::empty(),
+        )
+        .await;
+    assert_eq!(logout.status, 204);
+    let before = [b.seen().len(), c.seen().len()];
+    for gate in [b, c] {
+        let took = within(Duration::from_secs(1), "logout seen", || async {
+            gate.get_with_token("/api/orders", &access).await.status == 401
+        })
+        .await;
+        eprintln!("logout on A refused on another instance after {took:?}");
+    }
+    // Once refused, always refused, and nothing more reached the backends.
+    for gate in [a, b, c] {
+        let reply = gate.get_with_token("/api/orders", &access).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.error().as_str()),
+            (401, "invalid_token")
+        );
+    }
+    assert_eq!([b.seen().len(), c.seen().len()], before);
+}
+
+#[tokio::test]
+async fn a_refresh_token_rotates_once_across_instances_and_a_replay_revokes_everywhere() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let [a, b, c] = &cluster.gates[..] else {
+        unreachable!()
+    };
+    let login = a.logged_in("gus").await;
+    let first = token(&login, "refresh_token");
+    // The same refresh token presented to two instances at once: exactly one wins.
+    let body = json!({ "refresh_token": first });
+    let (on_b, on_c) = tokio::join!(
+        b.post_json("/auth/refresh", &body),
+        c.post_json("/auth/refresh", &body),
+    );
+    let statuses = [on_b.status.as_u16(), on_c.status.as_u16()];
+    assert!(
+        statuses == [200, 401] || statuses == [401, 200],
+        "exactly one rotation: {statuses:?}"
+    );
+    // The loser's presentation was a replay: the whole session is gone, on every instance.
+    let winner = if on_b.status == 200 { on_b } else { on_c }.json();
+    let access = token(&winner, "access_token");
+    for gate in [a, b, c] {
+        within(Duration::from_secs(1), "replay revokes", || async {
+            gate.get_with_token("/api/orders", &access).await.status == 401
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_first_logins_of_one_person_across_instances_make_one_user() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let logins = (0..100).map(|i| {
+        let gate = &cluster.gates[i % 3];
+        async move { gate.logged_in("hal").await }
+    });
+    let replies = futures_util::future::join_all(logins).await;
+    let users: std::collections::HashSet<_> = replies.iter().map(|r| token(r, "user_id")).collect();
+    assert_eq!(users.len(), 1, "{users:?}");
+    let mut conn = cluster.db.connect().await;
+    let (rows, links): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM app_openids WHERE appid = $1)",
+    )
+    .bind(SHOP_APPID)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((rows, links), (1, 1));
+}
+
+#[tokio::test]
+async fn with_redis_gone_nothing_is_forwarded_without_identity_and_service_comes_back() {
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    let login = cluster.gates[0].logged_in("ivy").await;
+    let access = token(&login, "access_token");
+    let user_id = token(&login, "user_id");
+    for gate in &cluster.gates {
+        assert_eq!(
+            gate.get_with_token("/api/orders", &access).await.status,
+            200
+        );
+    }
+    let forwarded_before: Vec<usize> = cluster.gates.iter().map(|g| g.seen().len()).collect();
+
+    cluster.redis.kill();
+    for gate in &cluster.gates {
+        // Within a second every instance answers 503 for protected routes: the local cache is
+        // dropped as soon as the invalidation channel is lost.
+        within(Duration::from_secs(1), "503 with Redis down", || async {
+            gate.get_with_token("/api/orders", &access).await.status == 503
+        })
+        .await;
+        let reply = gate.get_with_token("/api/orders", &access).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.error().as_str()),
+            (503, "auth_unavailable")
+        );
+        // Public routes do not need a session.
+        assert_eq!(
+            gate.get_with_token("/api/public/x", &access).await.status,
+            200
+        );
+        let (status, ready) = readyz(gate).await;
+        assert_eq!(
+            (status, &ready["checks"]["sessions"]),
+            (503, &json!("down"))
+        );
+    }
+    let forwarded: Vec<usize> = cluster
+        .gates
+        .iter()
+        .map(|g| {
+            g.seen()
+                .iter()
+                .filter(|r| r.path.starts_with("/api/orders"))
+                .count()
+        })
+        .collect();
+    assert_eq!(
+        forwarded, forwarded_before,
+        "no protected request forwarded"
+    );
+    // Logins fail closed too: a session cannot be stored.
+    let login = cluster.gates[1].login_as("ivy").await;
+    assert_eq!(login.status, 503);
+
+    // Redis comes back empty (no persistence): the old session is gone, and wxgate recovers by
+    // itself: new logins work on every instance.
+    cluster.redis.resume().await;
+    for gate in &cluster.gates {
+        within(Duration::from_secs(5), "ready again", || async {
+            readyz(gate).await.0 == 200
+        })
+        .await;
+        let reply = gate.get_with_token("/api/orders", &access).await;
+        assert_eq!(
+            reply.status, 401,
+            "the session did not survive a Redis without persistence"
+        );
+        let again = gate.logged_in("ivy").await;
+        assert_eq!(
+            token(&again, "user_id"),
+            user_id,
+            "the identity is in PostgreSQL"
+        );
+        let access = token(&again, "access_token");
+        assert_eq!(
+            gate.get_with_token("/api/orders", &access).await.status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_postgres_gone_logins_fail_and_issued_sessions_keep_working() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let relay = Relay::start(db.server()).await;
+    let toml = cluster_config(&redis, &db.url_via(&relay));
+    let cluster = Cluster::with(redis, db, toml).await;
+    let login = cluster.gates[0].logged_in("joe").await;
+    let access = token(&login, "access_token");
+
+    relay.cut();
+    for gate in &cluster.gates {
+        let reply = gate.login_as("kim").await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.error().as_str()),
+            (503, "identity_unavailable")
+        );
+        assert_eq!(
+            gate.get_with_token("/api/orders", &access).await.status,
+            200
+        );
+        let (status, ready) = readyz(gate).await;
+        assert_eq!(status, 200, "{ready}");
+        assert_eq!(ready["status"], "degraded");
+        assert_eq!(
+            ready["checks"],
+            json!({"sessions": "up", "identities": "down"})
+        );
+    }
+
+    relay.restore();
+    for gate in &cluster.gates {
+        within(Duration::from_secs(10), "logins work again", || async {
+            gate.login_as("kim").await.status == 200
+        })
+        .await;
+        assert_eq!(readyz(gate).await.1["status"], "ready");
+    }
+}
+
+#[tokio::test]
+async fn a_merge_on_one_instance_repoints_live_sessions_on_the_others() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let [a, b, c] = &cluster.gates[..] else {
+        unreachable!()
+    };
+    // An older account: the mini program's login carries no unionid, so the person is a user of
+    // their own for now.
+    let code = a.wechat.login_code_without_unionid(SHOP_APPID, "lea");
+    let first = a
+        .post_json("/auth/login", &json!({ "code": code }))
+        .await
+        .json();
+    let mini_user = token(&first, "user_id");
+    let access = token(&first, "access_token");
+    assert_eq!(b.get_with_token("/api/orders", &access).await.status, 200);
+    assert_eq!(
+        b.seen().last().unwrap().headers["x-user-id"],
+        mini_user.as_str()
+    );
+
+    // The mobile app knows the unionid (a second user, for now), then the mini program's next
+    // login carries it too: one person, merged into the app's user, on instance A.
+    let oauth = c.wechat.oauth_code(MOBILE_APPID, "lea", OauthKind::App);
+    let app_user = c
+        .post_json(
+            "/auth/oauth/login",
+            &json!({ "app": "mobile", "code": oauth }),
+        )
+        .await
+        .json();
+    let app_user = token(&app_user, "user_id");
+    assert_ne!(app_user, mini_user);
+    assert_eq!(token(&a.logged_in("lea").await, "user_id"), app_user);
+
+    // B had the first session cached as the old user; within a second it acts as the survivor.
+    within(Duration::from_secs(1), "merge seen on B", || async {
+        b.get_with_token("/api/orders", &access).await.status == 200
+            && b.seen().last().unwrap().headers["x-user-id"] == app_user.as_str()
+    })
+    .await;
+    assert!(
+        b.seen()
+            .last()
+            .unwrap()
+            .headers
+            .contains_key("x-wechat-unionid")
+    );
+}
