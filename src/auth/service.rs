@@ -38,9 +38,10 @@ use crate::error::Error;
 use crate::identity::{Identities, IdentityError, LoginIds, Resolved};
 use crate::metrics::Metrics;
 use crate::session::memory::MemoryStore;
+use crate::session::redis::RedisStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
 use crate::session::{Rotation, Session, SessionStore, UserChange};
-use crate::wechat::access_token::{AccessTokens, LocalAccessTokens};
+use crate::wechat::access_token::{AccessTokens, LocalAccessTokens, RedisAccessTokens};
 use crate::wechat::client::{CodeSession, WechatClient};
 
 /// Largest body accepted by wxgate's own endpoints; the biggest legitimate one is a login carrying
@@ -140,17 +141,27 @@ impl AuthService {
         if config.apps.is_empty() {
             return Ok(None);
         }
-        let sessions: Arc<dyn SessionStore> = match &config.session.store {
-            SessionStoreConfig::Memory => Arc::new(MemoryStore::new(
-                config.session.max_sessions,
-                config.session.refresh_ttl,
-            )),
-            SessionStoreConfig::Redis { url } => Arc::new(crate::session::redis::RedisStore::open(
-                url.expose(),
-                config.session.refresh_ttl,
-            )?),
-        };
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
+        // One instance keeps its state in memory; several share it through Redis.
+        let (sessions, access_tokens): (Arc<dyn SessionStore>, Arc<dyn AccessTokens>) =
+            match &config.session.store {
+                SessionStoreConfig::Memory => (
+                    Arc::new(MemoryStore::new(
+                        config.session.max_sessions,
+                        config.session.refresh_ttl,
+                    )),
+                    Arc::new(LocalAccessTokens::new(wechat.clone())),
+                ),
+                SessionStoreConfig::Redis { url } => {
+                    let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
+                    let tokens = RedisAccessTokens::new(
+                        wechat.clone(),
+                        store.connection(),
+                        config.wechat.timeout,
+                    );
+                    (Arc::new(store), Arc::new(tokens))
+                }
+            };
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -161,7 +172,7 @@ impl AuthService {
                 })
                 .collect(),
             wechat: wechat.clone(),
-            access_tokens: Arc::new(LocalAccessTokens::new(wechat)),
+            access_tokens,
             identities: Identities::open(&config.identity).await?,
             sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),

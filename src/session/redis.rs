@@ -159,6 +159,12 @@ impl RedisStore {
         self.redis.clone()
     }
 
+    /// The connection, for the other state instances share (access_tokens, code exchanges, rate
+    /// limits): one connection per instance multiplexes them all.
+    pub fn connection(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
     /// Tells every instance (this one included) to drop `sids` from its local cache.
     async fn invalidate(&self, sids: &[SessionId]) -> Result<(), StoreError> {
         if sids.is_empty() {

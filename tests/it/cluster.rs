@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::servers::{RedisServer, Relay, TestDatabase};
-use wxgate::wechat::mock::OauthKind;
+use wxgate::wechat::mock::{OauthKind, PHONE_NUMBER, STABLE_TOKEN};
 
 use crate::support::{Gate, Http, LOGIN, MOBILE_APPID, MOBILE_SECRET, SHOP_APPID};
 
@@ -28,6 +28,11 @@ pub fn cluster_config(redis: &RedisServer, postgres: &str) -> String {
             &format!("[session]\nstore = \"{}\"\n", redis.url()),
         )
         .replace("[wechat]\n", "[wechat]\nopen_base = \"WECHAT\"\n")
+        .replacen(
+            "[[routes]]",
+            "[headers]\nphone = \"X-WeChat-Phone\"\n\n[[routes]]",
+            1,
+        )
         .replace(
             "[identity]\n",
             &format!(
@@ -411,4 +416,68 @@ async fn a_merge_on_one_instance_repoints_live_sessions_on_the_others() {
             .headers
             .contains_key("x-wechat-unionid")
     );
+}
+
+async fn phone_call(gate: &Gate, access: &str, code: &str) -> crate::support::Reply {
+    Http::h1()
+        .send(
+            http::Method::POST,
+            &gate.url("/auth/phone"),
+            &[("Authorization", &format!("Bearer {access}"))],
+            crate::support::bytes_body(json!({ "code": code }).to_string()),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn many_phone_calls_across_instances_share_one_access_token_fetch() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let wechat = &cluster.gates[0].wechat;
+    let access = token(&cluster.gates[0].logged_in("max").await, "access_token");
+    let calls = (0..60).map(|i| {
+        let gate = &cluster.gates[i % 3];
+        let code = wechat.phone_code(SHOP_APPID, "max", &format!("1390000{i:04}"));
+        let access = access.clone();
+        async move { phone_call(gate, &access, &code).await }
+    });
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    assert_eq!(
+        wechat.calls(STABLE_TOKEN),
+        1,
+        "one fetch for all three instances"
+    );
+    assert_eq!(wechat.calls(PHONE_NUMBER), 60);
+
+    // WeChat revokes the token (someone called cgi-bin/token): the first instance to be refused
+    // drops it from Redis and fetches once; the others then use the new one.
+    wechat.revoke_access_token(SHOP_APPID);
+    for (i, gate) in cluster.gates.iter().enumerate() {
+        let code = wechat.phone_code(SHOP_APPID, "max", &format!("1370000{i:04}"));
+        let reply = phone_call(gate, &access, &code).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    assert_eq!(
+        wechat.calls(STABLE_TOKEN),
+        2,
+        "one more fetch, not one per instance"
+    );
+    assert_eq!(
+        wechat.calls(PHONE_NUMBER),
+        60 + 3 + 1,
+        "one refused call, then its retry"
+    );
+
+    // The number verified last (on C) is on the session on every instance.
+    for gate in &cluster.gates {
+        within(Duration::from_secs(1), "phone seen", || async {
+            gate.get_with_token("/api/orders", &access).await.status == 200
+                && gate.seen().last().unwrap().headers.get("x-wechat-phone")
+                    == Some(&http::HeaderValue::from_static("13700000002"))
+        })
+        .await;
+    }
 }
