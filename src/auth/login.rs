@@ -14,20 +14,172 @@ use sha2::{Digest, Sha256};
 use super::open_data;
 use super::service::{App, AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
 use crate::body::Body;
+use crate::config::Secret;
 use crate::error::Error;
 use crate::identity::LoginIds;
-use crate::wechat::client::WechatError;
+use crate::wechat::client::{CodeSession, OauthGrant, WechatError};
 
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
 pub const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
 /// WeChat's answers per single-use code (a `wx.login()` code, an OAuth code), kept for the code's
-/// life and keyed by a hash of (appid, code) so no code is kept in memory.
+/// life and keyed by a hash of (appid, code) so no code is kept in memory. With Redis
+/// ([`CodeExchanges::shared`]) the guard spans every instance: a retry that lands on another instance
+/// gets the same answer, and the code still goes to WeChat once.
 pub struct CodeExchanges<T> {
     answers: Cache<[u8; 32], Result<T, WechatError>>,
+    lifetime: Duration,
+    shared: Option<SharedExchanges>,
 }
 
-impl<T: Clone + Send + Sync + 'static> CodeExchanges<T> {
+struct SharedExchanges {
+    redis: redis::aio::ConnectionManager,
+    /// How long an instance waits for another one's exchange of the same code.
+    wait: Duration,
+}
+
+/// The marker an instance leaves on a code it is exchanging.
+const PENDING: &str = "pending";
+/// How often an instance looks for the answer to a code another one is exchanging.
+const POLL: Duration = Duration::from_millis(20);
+
+/// An answer that can travel between instances through Redis. The secrets in it (a session_key, an
+/// OAuth user access token) are written out on purpose: Redis keeps them for the code's life, no
+/// longer, so that a retry on another instance can be served.
+pub trait Shareable: Sized {
+    fn share(&self) -> serde_json::Value;
+    fn unshare(value: &serde_json::Value) -> Option<Self>;
+}
+
+impl Shareable for CodeSession {
+    fn share(&self) -> serde_json::Value {
+        serde_json::json!({
+            "openid": self.openid,
+            "session_key": self.session_key.expose(),
+            "unionid": self.unionid,
+        })
+    }
+
+    fn unshare(value: &serde_json::Value) -> Option<Self> {
+        Some(CodeSession {
+            openid: value["openid"].as_str()?.to_owned(),
+            session_key: Secret::new(value["session_key"].as_str()?),
+            unionid: value["unionid"].as_str().map(str::to_owned),
+        })
+    }
+}
+
+impl Shareable for OauthGrant {
+    fn share(&self) -> serde_json::Value {
+        serde_json::json!({
+            "openid": self.openid,
+            "unionid": self.unionid,
+            "scope": self.scope,
+            "snapshot_user": self.snapshot_user,
+            "access_token": self.access_token.expose(),
+        })
+    }
+
+    fn unshare(value: &serde_json::Value) -> Option<Self> {
+        Some(OauthGrant {
+            openid: value["openid"].as_str()?.to_owned(),
+            unionid: value["unionid"].as_str().map(str::to_owned),
+            scope: value["scope"].as_str()?.to_owned(),
+            snapshot_user: value["snapshot_user"].as_bool()?,
+            access_token: Secret::new(value["access_token"].as_str()?),
+        })
+    }
+}
+
+fn encode<T: Shareable>(answer: &Result<T, WechatError>) -> String {
+    match answer {
+        Ok(value) => serde_json::json!({ "ok": value.share() }),
+        Err(WechatError::Api { errcode }) => serde_json::json!({ "errcode": errcode }),
+        Err(WechatError::Timeout) => serde_json::json!({ "timeout": true }),
+        Err(WechatError::Unavailable(why)) => serde_json::json!({ "unavailable": why }),
+    }
+    .to_string()
+}
+
+fn decode<T: Shareable>(text: &str) -> Option<Result<T, WechatError>> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if let Some(ok) = value.get("ok") {
+        return T::unshare(ok).map(Ok);
+    }
+    if let Some(errcode) = value["errcode"].as_i64() {
+        return Some(Err(WechatError::Api { errcode }));
+    }
+    if value["timeout"].as_bool() == Some(true) {
+        return Some(Err(WechatError::Timeout));
+    }
+    let why = value["unavailable"].as_str()?;
+    Some(Err(WechatError::Unavailable(why.to_owned())))
+}
+
+/// Redis failed: the code's fate cannot be known, so the login fails (503 `auth_unavailable`) and
+/// nothing is cached.
+fn shared_failure(e: redis::RedisError) -> String {
+    format!("code exchanges in Redis: {:?}", e.kind())
+}
+
+impl SharedExchanges {
+    /// WeChat's answer for the code under `key`: asked here if this instance is first to claim the
+    /// code, else awaited from the instance that did.
+    async fn exchange<T: Shareable>(
+        &self,
+        key: &[u8; 32],
+        lifetime: Duration,
+        ask: impl Future<Output = Result<T, WechatError>>,
+    ) -> Result<Result<T, WechatError>, String> {
+        let redis_key = format!("wxgate:code:{}", hex::encode(key));
+        let mut redis = self.redis.clone();
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(PENDING)
+            .arg("NX")
+            .arg("PX")
+            .arg(lifetime.as_millis() as u64)
+            .query_async(&mut redis)
+            .await
+            .map_err(shared_failure)?;
+        if claimed.is_some() {
+            let answer = ask.await;
+            redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(encode(&answer))
+                .arg("PX")
+                .arg(lifetime.as_millis() as u64)
+                .query_async::<()>(&mut redis)
+                .await
+                .map_err(shared_failure)?;
+            return Ok(answer);
+        }
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            let found: Option<String> = redis::cmd("GET")
+                .arg(&redis_key)
+                .query_async(&mut redis)
+                .await
+                .map_err(shared_failure)?;
+            match found.as_deref() {
+                Some(PENDING) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Some(PENDING) | None => {
+                    // The instance that claimed the code died mid-exchange (or its answer expired):
+                    // WeChat may have used the code, so it is not sent again.
+                    return Ok(Err(WechatError::Api { errcode: 40163 }));
+                }
+                Some(text) => {
+                    return decode(text)
+                        .ok_or_else(|| "a shared code exchange in Redis is malformed".to_owned());
+                }
+            }
+        }
+    }
+}
+
+impl<T: Shareable + Clone + Send + Sync + 'static> CodeExchanges<T> {
     /// Answers kept for `lifetime`, the longest the code could still be presented.
     pub fn new(lifetime: Duration) -> Self {
         CodeExchanges {
@@ -37,25 +189,46 @@ impl<T: Clone + Send + Sync + 'static> CodeExchanges<T> {
                 .max_capacity(200_000)
                 .time_to_live(lifetime)
                 .build(),
+            lifetime,
+            shared: None,
         }
     }
 
+    /// The guard across instances, through Redis; `wait` bounds how long an instance waits for the
+    /// answer of another that is exchanging the same code (longer than one WeChat call).
+    pub fn shared(mut self, redis: redis::aio::ConnectionManager, wait: Duration) -> Self {
+        self.shared = Some(SharedExchanges { redis, wait });
+        self
+    }
+
     /// WeChat's answer for `code` of `appid`: `ask` runs once, however many callers present the
-    /// code at the same time or later.
+    /// code at the same time or later, on this instance or (shared) any other. WeChat's errors are
+    /// mapped to the client's (DESIGN.md's table); a Redis failure is 503 `auth_unavailable`.
     pub async fn exchange(
         &self,
         appid: &str,
         code: &str,
         ask: impl Future<Output = Result<T, WechatError>>,
-    ) -> Result<T, WechatError> {
+    ) -> Result<T, Error> {
         let mut hasher = Sha256::new();
         hasher.update(appid.as_bytes());
         hasher.update([0]);
         hasher.update(code.as_bytes());
         let key: [u8; 32] = hasher.finalize().into();
         // moka runs one `init` per key and hands its value to every concurrent caller (single flight),
-        // then keeps it for the code's lifetime.
-        self.answers.get_with(key, ask).await
+        // then keeps it for the code's lifetime. A Redis failure is not kept: a retry asks again.
+        let answer = match &self.shared {
+            None => Ok(self.answers.get_with(key, ask).await),
+            Some(shared) => {
+                self.answers
+                    .try_get_with(key, shared.exchange(&key, self.lifetime, ask))
+                    .await
+            }
+        };
+        match answer {
+            Ok(answer) => answer.map_err(login_error),
+            Err(failure) => Err(Error::AuthUnavailable(failure.to_string().into())),
+        }
     }
 }
 
@@ -68,7 +241,7 @@ pub(super) fn looks_like_code(code: &str) -> bool {
 }
 
 /// Maps WeChat's answer to the client's error (DESIGN.md's table).
-pub(super) fn login_error(e: WechatError) -> Error {
+fn login_error(e: WechatError) -> Error {
     match e {
         WechatError::Api {
             errcode: 40029 | 42003,
@@ -119,8 +292,7 @@ impl AuthService {
                 &code,
                 self.wechat.jscode2session(appid, &app.config.secret, &code),
             )
-            .await
-            .map_err(login_error)?;
+            .await?;
         // User info sent with the code comes from the same wx.login() round: this exchange's
         // session_key is the one it was encrypted with.
         let opened = match request.open_data.is_present() {

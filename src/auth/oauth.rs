@@ -24,7 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::login::{CodeExchanges, login_error, looks_like_code};
+use super::login::{CodeExchanges, looks_like_code};
 use super::service::{App, AppChoice, AuthService, NewSession, no_store};
 use crate::body::{self, Body};
 use crate::config::AppKind;
@@ -64,11 +64,84 @@ struct Pending {
     binding: [u8; 32],
 }
 
+/// Where browser logins in progress wait for their callback: this instance's memory, or Redis when
+/// several instances share the work (the callback may reach another instance than the start).
+enum PendingLogins {
+    Local(Cache<[u8; 32], Pending>),
+    /// `wxgate:st:{sha256(state)}` -> the login as JSON, for [`STATE_LIFETIME`], taken with `GETDEL`.
+    Redis(redis::aio::ConnectionManager),
+}
+
+fn pending_key(state: &[u8; 32]) -> String {
+    format!("wxgate:st:{}", hex::encode(state))
+}
+
+/// A Redis failure in a browser login: 503, the login can be started again.
+fn pending_failure(e: redis::RedisError) -> Error {
+    Error::AuthUnavailable(format!("OAuth states in Redis: {:?}", e.kind()).into())
+}
+
+impl PendingLogins {
+    async fn put(&self, state: [u8; 32], pending: Pending) -> Result<(), Error> {
+        match self {
+            PendingLogins::Local(cache) => {
+                cache.insert(state, pending).await;
+                Ok(())
+            }
+            PendingLogins::Redis(redis) => {
+                let value = json!({
+                    "app": &*pending.app,
+                    "return_to": pending.return_to,
+                    "binding": hex::encode(pending.binding),
+                });
+                redis::cmd("SET")
+                    .arg(pending_key(&state))
+                    .arg(value.to_string())
+                    .arg("PX")
+                    .arg(STATE_LIFETIME.as_millis() as u64)
+                    .query_async::<()>(&mut redis.clone())
+                    .await
+                    .map_err(pending_failure)
+            }
+        }
+    }
+
+    /// The login `state` started, removed so that it can be used once.
+    async fn take(&self, state: [u8; 32]) -> Result<Option<Pending>, Error> {
+        match self {
+            PendingLogins::Local(cache) => Ok(cache.remove(&state).await),
+            PendingLogins::Redis(redis) => {
+                let value: Option<String> = redis::cmd("GETDEL")
+                    .arg(pending_key(&state))
+                    .query_async(&mut redis.clone())
+                    .await
+                    .map_err(pending_failure)?;
+                let Some(value) = value else {
+                    return Ok(None);
+                };
+                let parsed = serde_json::from_str::<serde_json::Value>(&value)
+                    .ok()
+                    .and_then(|v| {
+                        Some(Pending {
+                            app: std::sync::Arc::from(v["app"].as_str()?),
+                            return_to: v["return_to"].as_str()?.to_owned(),
+                            binding: hex::decode(v["binding"].as_str()?).ok()?.try_into().ok()?,
+                        })
+                    });
+                if parsed.is_none() {
+                    tracing::error!("a pending OAuth login in Redis is malformed; refused");
+                }
+                Ok(parsed)
+            }
+        }
+    }
+}
+
 /// WeChat's answers per OAuth code, and the browser logins in progress.
 pub struct OauthState {
     answers: CodeExchanges<OauthGrant>,
     /// SHA-256 of the state -> the login it started. Removed on first use.
-    pending: Cache<[u8; 32], Pending>,
+    pending: PendingLogins,
 }
 
 impl Default for OauthState {
@@ -78,15 +151,26 @@ impl Default for OauthState {
 }
 
 impl OauthState {
+    /// State for one instance, in memory.
     pub fn new() -> Self {
         OauthState {
             answers: CodeExchanges::new(OAUTH_CODE_LIFETIME),
             // Bounded, so a flood of starts cannot grow memory without limit; past it, the oldest
             // unfinished logins are forgotten and have to be started again.
-            pending: Cache::builder()
-                .max_capacity(200_000)
-                .time_to_live(STATE_LIFETIME)
-                .build(),
+            pending: PendingLogins::Local(
+                Cache::builder()
+                    .max_capacity(200_000)
+                    .time_to_live(STATE_LIFETIME)
+                    .build(),
+            ),
+        }
+    }
+
+    /// State shared by every instance through Redis; `wait` as in [`CodeExchanges::shared`].
+    pub fn shared(redis: redis::aio::ConnectionManager, wait: Duration) -> Self {
+        OauthState {
+            answers: CodeExchanges::new(OAUTH_CODE_LIFETIME).shared(redis.clone(), wait),
+            pending: PendingLogins::Redis(redis),
         }
     }
 }
@@ -197,8 +281,7 @@ impl AuthService {
                 self.wechat
                     .oauth_access_token(appid, &app.config.secret, code),
             )
-            .await
-            .map_err(login_error)?;
+            .await?;
         if grant.snapshot_user {
             tracing::info!(app = %app.name, "login refused: a snapshot-mode visitor has no real WeChat user");
             return Err(Error::SnapshotUser);
@@ -278,7 +361,7 @@ impl AuthService {
         let state = URL_SAFE_NO_PAD.encode(random_bytes::<32>());
         self.oauth
             .pending
-            .insert(
+            .put(
                 sha256_of(&[state.as_bytes()]),
                 Pending {
                     app: app.name.clone(),
@@ -286,7 +369,7 @@ impl AuthService {
                     binding: sha256_of(&[binding_cookie.as_bytes()]),
                 },
             )
-            .await;
+            .await?;
         let callback = format!(
             "{public_url}{}/oauth/{}/callback",
             self.auth_prefix, app.name
@@ -325,8 +408,8 @@ impl AuthService {
         let pending = self
             .oauth
             .pending
-            .remove(&sha256_of(&[state.as_bytes()]))
-            .await
+            .take(sha256_of(&[state.as_bytes()]))
+            .await?
             .ok_or(Error::InvalidState)?;
         let bound = cookie_value(headers, STATE_COOKIE).is_some_and(|cookie| {
             bool::from(sha256_of(&[cookie.as_bytes()]).ct_eq(&pending.binding))

@@ -15,7 +15,7 @@
 //! `/logout` and `/session` accept the session cookie of a browser login as well as the bearer token.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -143,25 +143,39 @@ impl AuthService {
         }
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
         // One instance keeps its state in memory; several share it through Redis.
-        let (sessions, access_tokens): (Arc<dyn SessionStore>, Arc<dyn AccessTokens>) =
-            match &config.session.store {
-                SessionStoreConfig::Memory => (
-                    Arc::new(MemoryStore::new(
-                        config.session.max_sessions,
-                        config.session.refresh_ttl,
-                    )),
-                    Arc::new(LocalAccessTokens::new(wechat.clone())),
-                ),
-                SessionStoreConfig::Redis { url } => {
-                    let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
-                    let tokens = RedisAccessTokens::new(
+        let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
+        let (sessions, access_tokens, exchanges, oauth): (
+            Arc<dyn SessionStore>,
+            Arc<dyn AccessTokens>,
+            _,
+            _,
+        ) = match &config.session.store {
+            SessionStoreConfig::Memory => (
+                Arc::new(MemoryStore::new(
+                    config.session.max_sessions,
+                    config.session.refresh_ttl,
+                )),
+                Arc::new(LocalAccessTokens::new(wechat.clone())),
+                exchanges,
+                OauthState::new(),
+            ),
+            SessionStoreConfig::Redis { url } => {
+                let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
+                let redis = store.connection();
+                // Another instance's exchange of the same code takes at most one WeChat call.
+                let wait = config.wechat.timeout + Duration::from_secs(1);
+                (
+                    Arc::new(store),
+                    Arc::new(RedisAccessTokens::new(
                         wechat.clone(),
-                        store.connection(),
+                        redis.clone(),
                         config.wechat.timeout,
-                    );
-                    (Arc::new(store), Arc::new(tokens))
-                }
-            };
+                    )),
+                    exchanges.shared(redis.clone(), wait),
+                    OauthState::shared(redis, wait),
+                )
+            }
+        };
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -177,8 +191,8 @@ impl AuthService {
             sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
             refresh_ttl: config.session.refresh_ttl.as_secs(),
-            exchanges: CodeExchanges::new(super::login::CODE_LIFETIME),
-            oauth: OauthState::new(),
+            exchanges,
+            oauth,
             auth_prefix: config.server.auth_prefix.clone(),
             open_base: config.wechat.open_base.clone(),
             watermark_max_age: config.wechat.watermark_max_age.as_secs(),

@@ -7,9 +7,12 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::servers::{RedisServer, Relay, TestDatabase};
-use wxgate::wechat::mock::{OauthKind, PHONE_NUMBER, STABLE_TOKEN};
+use wxgate::wechat::mock::{Fault, JSCODE2SESSION, OauthKind, PHONE_NUMBER, STABLE_TOKEN};
 
-use crate::support::{Gate, Http, LOGIN, MOBILE_APPID, MOBILE_SECRET, SHOP_APPID};
+use crate::oauth::Browser;
+use crate::support::{
+    Gate, H5_APPID, H5_SECRET, Http, LOGIN, MOBILE_APPID, MOBILE_SECRET, SHOP_APPID,
+};
 
 /// A cluster: three gates sharing one mock WeChat, one Redis and one database.
 pub struct Cluster {
@@ -36,7 +39,9 @@ pub fn cluster_config(redis: &RedisServer, postgres: &str) -> String {
         .replace(
             "[identity]\n",
             &format!(
-                "[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"{MOBILE_APPID}\"\nsecret = \"{MOBILE_SECRET}\"\n\n[identity]\n"
+                "[[apps]]\nname = \"mobile\"\nkind = \"app\"\nappid = \"{MOBILE_APPID}\"\nsecret = \"{MOBILE_SECRET}\"\n\n\
+                 [[apps]]\nname = \"h5\"\nkind = \"oa\"\nappid = \"{H5_APPID}\"\nsecret = \"{H5_SECRET}\"\npublic_url = \"GATEURL\"\n\n\
+                 [identity]\n"
             ),
         )
 }
@@ -293,7 +298,10 @@ async fn with_redis_gone_nothing_is_forwarded_without_identity_and_service_comes
     );
     // Logins fail closed too: a session cannot be stored.
     let login = cluster.gates[1].login_as("ivy").await;
-    assert_eq!(login.status, 503);
+    assert_eq!(
+        (login.status.as_u16(), login.error().as_str()),
+        (503, "auth_unavailable")
+    );
 
     // Redis comes back empty (no persistence): the old session is gone, and wxgate recovers by
     // itself: new logins work on every instance.
@@ -480,4 +488,96 @@ async fn many_phone_calls_across_instances_share_one_access_token_fetch() {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn one_code_posted_to_every_instance_goes_to_wechat_once() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let wechat = &cluster.gates[0].wechat;
+    let code = wechat.login_code(SHOP_APPID, "ned");
+    // WeChat is slow: the posts on A, B and C are all in flight together.
+    wechat.fail_next(JSCODE2SESSION, Fault::Delay(Duration::from_millis(300)), 1);
+    let body = json!({ "code": code });
+    let posts = cluster
+        .gates
+        .iter()
+        .cycle()
+        .take(9)
+        .map(|gate| gate.post_json("/auth/login", &body));
+    let replies = futures_util::future::join_all(posts).await;
+    let users: std::collections::HashSet<_> = replies
+        .iter()
+        .map(|reply| {
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+            token(&reply.json(), "user_id")
+        })
+        .collect();
+    assert_eq!(users.len(), 1);
+    assert_eq!(
+        wechat.calls(JSCODE2SESSION),
+        1,
+        "the code went to WeChat once"
+    );
+    // A retry a moment later, on any instance, gets the same answer, not code_used.
+    for gate in &cluster.gates {
+        let retry = gate.post_json("/auth/login", &body).await;
+        assert_eq!(retry.status, 200);
+        assert!(users.contains(&token(&retry.json(), "user_id")));
+    }
+    assert_eq!(wechat.calls(JSCODE2SESSION), 1);
+}
+
+#[tokio::test]
+async fn a_browser_login_started_on_one_instance_finishes_on_another_once() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let [a, b, c] = &cluster.gates[..] else {
+        unreachable!()
+    };
+    let mut browser = Browser::of(a, "olga");
+    let start = browser
+        .request(
+            http::Method::GET,
+            &a.url("/auth/oauth/h5/start?return_to=/h5/home"),
+            &[],
+        )
+        .await;
+    assert_eq!(start.status, 302);
+    let to_wechat = start.headers["location"]
+        .to_str()
+        .unwrap()
+        .split('#')
+        .next()
+        .unwrap()
+        .to_owned();
+    let from_wechat = browser.request(http::Method::GET, &to_wechat, &[]).await;
+    assert_eq!(from_wechat.status, 302);
+    let callback = from_wechat.headers["location"].to_str().unwrap().to_owned();
+    assert!(
+        callback.starts_with(&a.url("/auth/oauth/h5/callback?")),
+        "{callback}"
+    );
+    // Behind a load balancer the callback may reach any instance; the browser's cookies are the
+    // same there (one site).
+    let binding = browser.cookie(&a.url("/"), "__Host-wxgate-state").unwrap();
+    let on = |gate: &Gate| callback.replace(&a.url(""), &gate.url(""));
+    for gate in [b, c] {
+        browser.set(&gate.url("/"), "__Host-wxgate-state", &binding);
+    }
+    let finished = browser.request(http::Method::GET, &on(b), &[]).await;
+    assert_eq!(finished.status, 302, "{:?}", finished.body);
+    assert_eq!(finished.headers["location"], "/h5/home");
+    let session = browser
+        .request(http::Method::GET, &b.url("/auth/session"), &[])
+        .await;
+    assert_eq!(session.status, 200);
+    // The state was used: replayed on a third instance, it is refused.
+    let replay = browser.request(http::Method::GET, &on(c), &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.error().as_str()),
+        (400, "invalid_state")
+    );
 }

@@ -81,19 +81,19 @@ async fn company() -> Gate {
 /// A browser: cookies per `host:port` (simpler than real browsers, which share cookies across ports
 /// of one host; here wxgate and the mock WeChat must not see each other's), following redirects.
 #[derive(Default)]
-struct Browser {
+pub(crate) struct Browser {
     jars: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Browser {
     /// A browser whose WeChat is signed in as `user` (the mock's authorize pages read this cookie).
-    fn of(gate: &Gate, user: &str) -> Browser {
+    pub(crate) fn of(gate: &Gate, user: &str) -> Browser {
         let mut browser = Browser::default();
         browser.set(&gate.wechat.url(), "wx_user", user);
         browser
     }
 
-    fn host(url: &str) -> String {
+    pub(crate) fn host(url: &str) -> String {
         url.trim_start_matches("http://")
             .split('/')
             .next()
@@ -101,13 +101,13 @@ impl Browser {
             .to_owned()
     }
 
-    fn set(&mut self, url: &str, name: &str, value: &str) {
+    pub(crate) fn set(&mut self, url: &str, name: &str, value: &str) {
         let jar = self.jars.entry(Browser::host(url)).or_default();
         jar.retain(|(n, _)| n != name);
         jar.push((name.to_owned(), value.to_owned()));
     }
 
-    fn cookie(&self, url: &str, name: &str) -> Option<String> {
+    pub(crate) fn cookie(&self, url: &str, name: &str) -> Option<String> {
         self.jars
             .get(&Browser::host(url))?
             .iter()
@@ -115,7 +115,7 @@ impl Browser {
             .map(|(_, v)| v.clone())
     }
 
-    fn cookie_header(&self, url: &str) -> Option<String> {
+    pub(crate) fn cookie_header(&self, url: &str) -> Option<String> {
         let jar = self.jars.get(&Browser::host(url))?;
         (!jar.is_empty()).then(|| {
             jar.iter()
@@ -126,7 +126,12 @@ impl Browser {
     }
 
     /// One request, with this browser's cookies for the host; stores what the response sets.
-    async fn request(&mut self, method: Method, url: &str, extra: &[(&str, &str)]) -> Reply {
+    pub(crate) async fn request(
+        &mut self,
+        method: Method,
+        url: &str,
+        extra: &[(&str, &str)],
+    ) -> Reply {
         let cookies = self.cookie_header(url);
         let mut headers: Vec<(&str, &str)> = vec![("accept", "text/html,application/xhtml+xml")];
         if let Some(cookies) = &cookies {
@@ -152,7 +157,7 @@ impl Browser {
     }
 
     /// GETs `url` and follows redirects (at most 10); returns the last reply and every URL visited.
-    async fn visit(&mut self, url: &str) -> (Reply, Vec<String>) {
+    pub(crate) async fn visit(&mut self, url: &str) -> (Reply, Vec<String>) {
         let mut url = url.to_owned();
         let mut trail = vec![url.clone()];
         for _ in 0..10 {
