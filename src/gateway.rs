@@ -243,7 +243,7 @@ impl Gateway {
             }
             // Logins cost WeChat calls and database writes: limited per client address.
             let ip = self.headers.client_ip(request.headers(), client.peer);
-            if let Err(retry_after) = self.limits.check_auth(ip) {
+            if let Err(retry_after) = self.limits.check_auth(ip).await {
                 tracing::info!(client = %ip, retry_after, "auth request over the rate limit");
                 return Outcome::failed(
                     self.labels.auth(rest),
@@ -271,7 +271,7 @@ impl Gateway {
             Err((e, via)) => return self.refused(route, path, &parts, e, via),
         };
         if let Some(identity) = &identity
-            && let Err(retry_after) = self.limits.check_user(&identity.user_id)
+            && let Err(retry_after) = self.limits.check_user(&identity.user_id).await
         {
             return Outcome::failed(
                 route.name.clone(),

@@ -2,8 +2,14 @@
 //! calls and database writes, and optionally requests per user to the proxied routes. GCRA from the
 //! `governor` crate, one state per key; idle keys are pruned every minute so memory follows the
 //! active clients, not every client ever seen.
+//!
+//! With Redis ([`RateLimits::shared`]) the counters are shared by every instance: the same GCRA runs
+//! as a Lua script on `wxgate:rl:{a|u}:{key}`, on Redis's clock, so a client spread over instances
+//! gets the configured rate in all, not once per instance. If Redis fails, each instance falls back
+//! to its own counters rather than refuse or wave everything through.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -14,6 +20,35 @@ use crate::config::{LimitsConfig, Rate};
 pub struct RateLimits {
     auth: Option<DefaultKeyedRateLimiter<IpAddr>>,
     user: Option<DefaultKeyedRateLimiter<String>>,
+    rates: (Option<Rate>, Option<Rate>),
+    shared: Option<Shared>,
+}
+
+struct Shared {
+    redis: redis::aio::ConnectionManager,
+    gcra: redis::Script,
+    /// Set while Redis fails, so the fallback is logged once per outage, not per request.
+    failing: AtomicBool,
+}
+
+/// GCRA over Redis. KEYS[1]: the key's theoretical arrival time (ms). ARGV: emission interval (ms),
+/// burst. Returns 0 when the request may pass, else the milliseconds until it may.
+const GCRA: &str = r#"
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local next_tat = tat + interval
+local over = next_tat - now - interval * tonumber(ARGV[2])
+if over > 0 then return over end
+redis.call('SET', KEYS[1], next_tat, 'PX', next_tat - now)
+return 0
+"#;
+
+/// Whole seconds to wait, rounded up, at least 1.
+fn seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 fn limiter<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> DefaultKeyedRateLimiter<K> {
@@ -25,10 +60,9 @@ fn check<K: std::hash::Hash + Eq + Clone>(
     limiter: &DefaultKeyedRateLimiter<K>,
     key: &K,
 ) -> Result<(), u64> {
-    limiter.check_key(key).map_err(|not_until| {
-        let wait = not_until.wait_time_from(limiter.clock().now());
-        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-    })
+    limiter
+        .check_key(key)
+        .map_err(|not_until| seconds(not_until.wait_time_from(limiter.clock().now())))
 }
 
 impl RateLimits {
@@ -36,17 +70,74 @@ impl RateLimits {
         RateLimits {
             auth: config.auth.map(limiter),
             user: config.user.map(limiter),
+            rates: (config.auth, config.user),
+            shared: None,
+        }
+    }
+
+    /// Counters shared by every instance through Redis.
+    pub fn shared(mut self, redis: redis::aio::ConnectionManager) -> Self {
+        self.shared = Some(Shared {
+            redis,
+            gcra: redis::Script::new(GCRA),
+            failing: AtomicBool::new(false),
+        });
+        self
+    }
+
+    /// Asks Redis for `key` at `rate`; `None` if Redis failed (the caller falls back).
+    async fn check_shared(&self, key: String, rate: Rate) -> Option<Result<(), u64>> {
+        let shared = self.shared.as_ref()?;
+        let interval_ms = (60_000 / u64::from(rate.per_minute.get())).max(1);
+        let result: Result<u64, _> = shared
+            .gcra
+            .key(key)
+            .arg(interval_ms)
+            .arg(rate.burst.get())
+            .invoke_async(&mut shared.redis.clone())
+            .await;
+        match result {
+            Ok(wait_ms) => {
+                if shared.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("rate limits: shared counters in Redis are back");
+                }
+                Some(match wait_ms {
+                    0 => Ok(()),
+                    ms => Err(seconds(std::time::Duration::from_millis(ms))),
+                })
+            }
+            Err(e) => {
+                if !shared.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = ?e.kind(), "rate limits: Redis failed; counting per instance until it is back");
+                }
+                None
+            }
         }
     }
 
     /// A request from `ip` to `/auth/*`: `Err(seconds)` to wait when over the limit.
-    pub fn check_auth(&self, ip: IpAddr) -> Result<(), u64> {
-        self.auth.as_ref().map_or(Ok(()), |l| check(l, &ip))
+    pub async fn check_auth(&self, ip: IpAddr) -> Result<(), u64> {
+        let (Some(local), Some(rate)) = (&self.auth, self.rates.0) else {
+            return Ok(());
+        };
+        if let Some(decision) = self.check_shared(format!("wxgate:rl:a:{ip}"), rate).await {
+            return decision;
+        }
+        check(local, &ip)
     }
 
     /// A proxied request of `user_id`: `Err(seconds)` to wait when over the limit.
-    pub fn check_user(&self, user_id: &String) -> Result<(), u64> {
-        self.user.as_ref().map_or(Ok(()), |l| check(l, user_id))
+    pub async fn check_user(&self, user_id: &String) -> Result<(), u64> {
+        let (Some(local), Some(rate)) = (&self.user, self.rates.1) else {
+            return Ok(());
+        };
+        if let Some(decision) = self
+            .check_shared(format!("wxgate:rl:u:{user_id}"), rate)
+            .await
+        {
+            return decision;
+        }
+        check(local, user_id)
     }
 
     /// Forgets keys whose state is back to a full allowance.
@@ -80,31 +171,37 @@ mod tests {
         RateLimits {
             auth: Some(limiter(rate)),
             user: Some(limiter(rate)),
+            rates: (Some(rate), Some(rate)),
+            shared: None,
         }
     }
 
-    #[test]
-    fn a_burst_passes_then_the_rate_applies_per_key() {
+    #[tokio::test]
+    async fn a_burst_passes_then_the_rate_applies_per_key() {
         let limits = limits(60, 3);
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
         for _ in 0..3 {
-            assert_eq!(limits.check_auth(ip), Ok(()));
+            assert_eq!(limits.check_auth(ip).await, Ok(()));
         }
         // One request a second refills: the next is due within a second.
-        assert_eq!(limits.check_auth(ip), Err(1));
+        assert_eq!(limits.check_auth(ip).await, Err(1));
         let other: IpAddr = "203.0.113.8".parse().unwrap();
-        assert_eq!(limits.check_auth(other), Ok(()), "keys are independent");
+        assert_eq!(
+            limits.check_auth(other).await,
+            Ok(()),
+            "keys are independent"
+        );
         let user = "u_1".to_owned();
-        assert_eq!(limits.check_user(&user), Ok(()));
+        assert_eq!(limits.check_user(&user).await, Ok(()));
         assert_eq!(limits.tracked(), 3);
     }
 
-    #[test]
-    fn retry_after_is_whole_seconds_rounded_up() {
+    #[tokio::test]
+    async fn retry_after_is_whole_seconds_rounded_up() {
         let limits = limits(2, 1);
         let ip: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(limits.check_auth(ip), Ok(()));
-        let wait = limits.check_auth(ip).unwrap_err();
+        assert_eq!(limits.check_auth(ip).await, Ok(()));
+        let wait = limits.check_auth(ip).await.unwrap_err();
         assert!((29..=30).contains(&wait), "{wait}");
     }
 }

@@ -124,7 +124,11 @@ impl Server {
     ) -> io::Result<()> {
         let main_addr = listeners.main.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
-        let limits = Arc::new(RateLimits::new(&self.config.limits));
+        let mut limits = RateLimits::new(&self.config.limits);
+        if let Some(redis) = self.auth.as_ref().and_then(|auth| auth.redis()) {
+            limits = limits.shared(redis);
+        }
+        let limits = Arc::new(limits);
         // Cancelled when the drain deadline passes: connections still open then are cut off.
         let cut_off = CancellationToken::new();
         let tunnels = Tunnels {

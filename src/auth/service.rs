@@ -73,6 +73,8 @@ pub struct AuthService {
     pub(super) watermark_max_age: u64,
     pub(super) metrics: Arc<Metrics>,
     pub(super) access_tokens: Arc<dyn AccessTokens>,
+    /// Set when the instances share state through Redis.
+    redis: Option<redis::aio::ConnectionManager>,
     pub(super) oauth: OauthState,
     /// `server.auth_prefix`, for the OAuth callback URL.
     pub(super) auth_prefix: String,
@@ -144,9 +146,10 @@ impl AuthService {
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
         // One instance keeps its state in memory; several share it through Redis.
         let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
-        let (sessions, access_tokens, exchanges, oauth): (
+        let (sessions, access_tokens, exchanges, oauth, redis): (
             Arc<dyn SessionStore>,
             Arc<dyn AccessTokens>,
+            _,
             _,
             _,
         ) = match &config.session.store {
@@ -158,6 +161,7 @@ impl AuthService {
                 Arc::new(LocalAccessTokens::new(wechat.clone())),
                 exchanges,
                 OauthState::new(),
+                None,
             ),
             SessionStoreConfig::Redis { url } => {
                 let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
@@ -172,7 +176,8 @@ impl AuthService {
                         config.wechat.timeout,
                     )),
                     exchanges.shared(redis.clone(), wait),
-                    OauthState::shared(redis, wait),
+                    OauthState::shared(redis.clone(), wait),
+                    Some(redis),
                 )
             }
         };
@@ -187,6 +192,7 @@ impl AuthService {
                 .collect(),
             wechat: wechat.clone(),
             access_tokens,
+            redis,
             identities: Identities::open(&config.identity).await?,
             sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
@@ -506,6 +512,11 @@ impl AuthService {
     /// The identity rules and store, for the admin lookup.
     pub fn identities(&self) -> &Identities {
         &self.identities
+    }
+
+    /// The Redis connection the instances share state through, when `session.store` is Redis.
+    pub fn redis(&self) -> Option<redis::aio::ConnectionManager> {
+        self.redis.clone()
     }
 
     /// Live sessions, for metrics.

@@ -581,3 +581,47 @@ async fn a_browser_login_started_on_one_instance_finishes_on_another_once() {
         (400, "invalid_state")
     );
 }
+
+#[tokio::test]
+async fn rate_limits_count_across_instances() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let toml = cluster_config(&redis, &db.url)
+        + "\n[limits]\nauth_per_minute = 60\nauth_burst = 6\nuser_per_minute = 60\nuser_burst = 9\n";
+    let cluster = Cluster::with(redis, db, toml).await;
+    // One client address (loopback) spread over the three instances: six /auth requests in all,
+    // not six per instance.
+    let mut statuses = vec![];
+    for i in 0..9 {
+        let gate = &cluster.gates[i % 3];
+        statuses.push(
+            gate.post_json("/auth/login", &json!({}))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [400, 400, 400, 400, 400, 400, 429, 429, 429]);
+
+    // Per user on proxied routes, likewise: a login of its own, in a cluster with fresh counters.
+    let Cluster { gates, redis, db } = cluster;
+    drop(gates);
+    let toml = cluster_config(&redis, &db.url)
+        + "\n[limits]\nauth_per_minute = 0\nuser_per_minute = 60\nuser_burst = 9\n";
+    let cluster = Cluster::with(redis, db, toml).await;
+    let access = token(&cluster.gates[0].logged_in("pia").await, "access_token");
+    let mut statuses = vec![];
+    for i in 0..12 {
+        let gate = &cluster.gates[i % 3];
+        let reply = gate.get_with_token("/api/orders", &access).await;
+        if reply.status == 429 {
+            assert!(reply.headers.contains_key("retry-after"));
+        }
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(statuses, [[200; 9].as_slice(), &[429; 3]].concat());
+}
