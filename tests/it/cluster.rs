@@ -625,3 +625,138 @@ async fn rate_limits_count_across_instances() {
     }
     assert_eq!(statuses, [[200; 9].as_slice(), &[429; 3]].concat());
 }
+
+/// A wxgate process, killed when dropped, so a failing test leaves nothing running.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_instance_killed_during_a_login_burst_loses_no_identity_link() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let wechat = cluster.gates[0].wechat.clone();
+    // The victim: the real binary, on the same Redis, PostgreSQL and mock WeChat.
+    let (main, admin) = (crate::support::bind().await, crate::support::bind().await);
+    let (listen, admin_addr) = (main.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((main, admin));
+    let toml = format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_addr}\"\n{}\n[limits]\nauth_per_minute = 0\n",
+        cluster_config(&cluster.redis, &cluster.db.url)
+            .replace("UPSTREAM", &cluster.gates[0].backend.url())
+            .replace("WECHAT", &wechat.url())
+            .replace("GATEURL", &format!("http://{listen}"))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wxgate.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut victim = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    within(Duration::from_secs(20), "the victim is ready", || async {
+        let ready = Http::h1()
+            .client()
+            .get(format!("http://{admin_addr}/readyz").parse().unwrap())
+            .await;
+        ready.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // 200 first logins, 40 in flight at a time, WeChat a little slow so that many are mid-way
+    // (between WeChat's answer and the store's commit) when the process dies.
+    wechat.fail_next(
+        JSCODE2SESSION,
+        Fault::Delay(Duration::from_millis(20)),
+        1000,
+    );
+    let people: Vec<String> = (0..200).map(|i| format!("burst{i:03}")).collect();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(40));
+    let burst: Vec<_> = people
+        .iter()
+        .map(|person| {
+            let code = wechat.login_code(SHOP_APPID, person);
+            let (answered, semaphore) = (answered.clone(), semaphore.clone());
+            let url = format!("http://{listen}/auth/login");
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire_owned().await.unwrap();
+                let request = http::Request::post(url)
+                    .header("content-type", "application/json")
+                    .body(crate::support::bytes_body(
+                        json!({ "code": code }).to_string(),
+                    ))
+                    .unwrap();
+                let response = Http::h1().client().request(request).await.ok()?;
+                let status = response.status();
+                let body = response.into_body().collect().await.ok()?.to_bytes();
+                answered.fetch_add(1, Ordering::SeqCst);
+                (status == 200).then(|| {
+                    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    token(&body, "user_id")
+                })
+            })
+        })
+        .collect();
+    within(Duration::from_secs(30), "a quarter answered", || async {
+        answered.load(Ordering::SeqCst) >= 50
+    })
+    .await;
+    victim.0.kill().unwrap(); // SIGKILL
+    let mut confirmed = vec![];
+    for (person, task) in people.iter().zip(burst) {
+        if let Some(user_id) = task.await.unwrap() {
+            confirmed.push((person.clone(), user_id));
+        }
+    }
+    assert!(
+        confirmed.len() >= 50 && confirmed.len() < 200,
+        "the kill landed mid-burst: {} confirmed",
+        confirmed.len()
+    );
+
+    // Every login the victim confirmed is in PostgreSQL: the survivors resolve the same person to
+    // the same user.
+    let a = &cluster.gates[0];
+    for (person, user_id) in &confirmed {
+        let again = a.logged_in(person).await;
+        assert_eq!(
+            &token(&again, "user_id"),
+            user_id,
+            "{person}'s link survived"
+        );
+    }
+    // And nothing half-written: every user has both its links, whatever the kill interrupted.
+    let mut conn = cluster.db.connect().await;
+    let (users, without_openid, without_unionid): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), \
+           COUNT(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM app_openids o WHERE o.user_id = u.user_id)), \
+           COUNT(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM unionids x WHERE x.user_id = u.user_id)) \
+         FROM users u",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((without_openid, without_unionid), (0, 0), "{users} users");
+    eprintln!(
+        "killed after {} answers: {} logins confirmed, {users} users in PostgreSQL",
+        answered.load(Ordering::SeqCst),
+        confirmed.len()
+    );
+}
