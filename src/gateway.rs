@@ -252,7 +252,10 @@ impl Gateway {
                 );
             }
             let result = match &self.auth {
-                Some(auth) => auth.endpoint(rest, request).await,
+                // Boxed: the login futures (WeChat calls, store transactions, Redis) are large, and
+                // inline they would make every proxied request's future as large, copied at each
+                // move. Logins are rare and heavy enough that one allocation does not show.
+                Some(auth) => Box::pin(auth.endpoint(rest, request)).await,
                 None => Err(Error::NotFound),
             };
             return Outcome {

@@ -120,7 +120,11 @@ impl RateLimits {
         let (Some(local), Some(rate)) = (&self.auth, self.rates.0) else {
             return Ok(());
         };
-        if let Some(decision) = self.check_shared(format!("wxgate:rl:a:{ip}"), rate).await {
+        // Boxed: the Redis call's state would otherwise sit inside every request's future, used or not.
+        if self.shared.is_some()
+            && let Some(decision) =
+                Box::pin(self.check_shared(format!("wxgate:rl:a:{ip}"), rate)).await
+        {
             return decision;
         }
         check(local, &ip)
@@ -131,9 +135,9 @@ impl RateLimits {
         let (Some(local), Some(rate)) = (&self.user, self.rates.1) else {
             return Ok(());
         };
-        if let Some(decision) = self
-            .check_shared(format!("wxgate:rl:u:{user_id}"), rate)
-            .await
+        if self.shared.is_some()
+            && let Some(decision) =
+                Box::pin(self.check_shared(format!("wxgate:rl:u:{user_id}"), rate)).await
         {
             return decision;
         }

@@ -760,3 +760,37 @@ async fn an_instance_killed_during_a_login_burst_loses_no_identity_link() {
         confirmed.len()
     );
 }
+
+#[tokio::test]
+async fn session_keys_from_logins_on_any_instance_open_user_info_on_any_other() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let [a, b, c] = &cluster.gates[..] else {
+        unreachable!()
+    };
+    let first = a.logged_in("quinn").await;
+    let old_info = a.wechat.user_info(SHOP_APPID, "quinn").unwrap();
+    // A second login, on B, rotates the session_key; data sealed with either key opens on C.
+    let second = b.logged_in("quinn").await;
+    let new_info = b.wechat.user_info(SHOP_APPID, "quinn").unwrap();
+    for (tokens, info) in [
+        (&first, &old_info),
+        (&second, &new_info),
+        (&first, &new_info),
+    ] {
+        let reply = Http::h1()
+            .send(
+                http::Method::POST,
+                &c.url("/auth/userinfo"),
+                &[(
+                    "Authorization",
+                    &format!("Bearer {}", token(tokens, "access_token")),
+                )],
+                crate::support::bytes_body(serde_json::to_string(info).unwrap()),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.json()["user_id"], first["user_id"]);
+    }
+}
