@@ -130,6 +130,51 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The state logins and sessions keep: in this process for one instance, in Redis (with a local
+/// cache) when several instances share the work.
+struct NodeState {
+    sessions: Arc<dyn SessionStore>,
+    access_tokens: Arc<dyn AccessTokens>,
+    exchanges: CodeExchanges<CodeSession>,
+    oauth: OauthState,
+    redis: Option<redis::aio::ConnectionManager>,
+}
+
+impl NodeState {
+    fn open(config: &Config, wechat: &WechatClient) -> Result<NodeState, StartError> {
+        let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
+        Ok(match &config.session.store {
+            SessionStoreConfig::Memory => NodeState {
+                sessions: Arc::new(MemoryStore::new(
+                    config.session.max_sessions,
+                    config.session.refresh_ttl,
+                )),
+                access_tokens: Arc::new(LocalAccessTokens::new(wechat.clone())),
+                exchanges,
+                oauth: OauthState::new(),
+                redis: None,
+            },
+            SessionStoreConfig::Redis { url } => {
+                let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
+                let redis = store.connection();
+                // Another instance's exchange of the same code takes at most one WeChat call.
+                let wait = config.wechat.timeout + Duration::from_secs(1);
+                NodeState {
+                    sessions: Arc::new(store),
+                    access_tokens: Arc::new(RedisAccessTokens::new(
+                        wechat.clone(),
+                        redis.clone(),
+                        config.wechat.timeout,
+                    )),
+                    exchanges: exchanges.shared(redis.clone(), wait),
+                    oauth: OauthState::shared(redis.clone(), wait),
+                    redis: Some(redis),
+                }
+            }
+        })
+    }
+}
+
 impl AuthService {
     /// The login service for `config`, or `None` when no app is configured (then nobody can log in and
     /// `/auth/*` answers 404).
@@ -144,43 +189,7 @@ impl AuthService {
             return Ok(None);
         }
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
-        // One instance keeps its state in memory; several share it through Redis.
-        let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
-        let (sessions, access_tokens, exchanges, oauth, redis): (
-            Arc<dyn SessionStore>,
-            Arc<dyn AccessTokens>,
-            _,
-            _,
-            _,
-        ) = match &config.session.store {
-            SessionStoreConfig::Memory => (
-                Arc::new(MemoryStore::new(
-                    config.session.max_sessions,
-                    config.session.refresh_ttl,
-                )),
-                Arc::new(LocalAccessTokens::new(wechat.clone())),
-                exchanges,
-                OauthState::new(),
-                None,
-            ),
-            SessionStoreConfig::Redis { url } => {
-                let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
-                let redis = store.connection();
-                // Another instance's exchange of the same code takes at most one WeChat call.
-                let wait = config.wechat.timeout + Duration::from_secs(1);
-                (
-                    Arc::new(store),
-                    Arc::new(RedisAccessTokens::new(
-                        wechat.clone(),
-                        redis.clone(),
-                        config.wechat.timeout,
-                    )),
-                    exchanges.shared(redis.clone(), wait),
-                    OauthState::shared(redis.clone(), wait),
-                    Some(redis),
-                )
-            }
-        };
+        let state = NodeState::open(config, &wechat)?;
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -191,14 +200,14 @@ impl AuthService {
                 })
                 .collect(),
             wechat: wechat.clone(),
-            access_tokens,
-            redis,
+            access_tokens: state.access_tokens,
+            redis: state.redis,
             identities: Identities::open(&config.identity).await?,
-            sessions,
+            sessions: state.sessions,
             tokens: Tokens::new(signing_key, config.session.access_ttl.as_secs()),
             refresh_ttl: config.session.refresh_ttl.as_secs(),
-            exchanges,
-            oauth,
+            exchanges: state.exchanges,
+            oauth: state.oauth,
             auth_prefix: config.server.auth_prefix.clone(),
             open_base: config.wechat.open_base.clone(),
             watermark_max_age: config.wechat.watermark_max_age.as_secs(),
