@@ -18,10 +18,15 @@ use crate::config::{LimitsConfig, Rate};
 
 /// The configured rate limits; `None` where a limit is off.
 pub struct RateLimits {
-    auth: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    user: Option<DefaultKeyedRateLimiter<String>>,
-    rates: (Option<Rate>, Option<Rate>),
+    auth: Option<Limit<IpAddr>>,
+    user: Option<Limit<String>>,
     shared: Option<Shared>,
+}
+
+/// One limit: its rate, and this instance's counters (all of them without Redis, the fallback with).
+struct Limit<K: std::hash::Hash + Eq + Clone> {
+    rate: Rate,
+    local: DefaultKeyedRateLimiter<K>,
 }
 
 struct Shared {
@@ -51,8 +56,11 @@ fn seconds(wait: std::time::Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-fn limiter<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> DefaultKeyedRateLimiter<K> {
-    RateLimiter::keyed(Quota::per_minute(rate.per_minute).allow_burst(rate.burst))
+fn limit<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Limit<K> {
+    Limit {
+        rate,
+        local: RateLimiter::keyed(Quota::per_minute(rate.per_minute).allow_burst(rate.burst)),
+    }
 }
 
 /// Whole seconds until `limiter` lets `key` through again (at least 1), or `Ok` now.
@@ -68,9 +76,8 @@ fn check<K: std::hash::Hash + Eq + Clone>(
 impl RateLimits {
     pub fn new(config: &LimitsConfig) -> Self {
         RateLimits {
-            auth: config.auth.map(limiter),
-            user: config.user.map(limiter),
-            rates: (config.auth, config.user),
+            auth: config.auth.map(limit),
+            user: config.user.map(limit),
             shared: None,
         }
     }
@@ -115,50 +122,55 @@ impl RateLimits {
         }
     }
 
-    /// A request from `ip` to `/auth/*`: `Err(seconds)` to wait when over the limit.
-    pub async fn check_auth(&self, ip: IpAddr) -> Result<(), u64> {
-        let (Some(local), Some(rate)) = (&self.auth, self.rates.0) else {
+    /// `key` under `limit`: shared through Redis when it answers, else this instance's counters.
+    async fn decide<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        limit: Option<&Limit<K>>,
+        key: &K,
+        shared_key: impl FnOnce() -> String,
+    ) -> Result<(), u64> {
+        let Some(limit) = limit else {
             return Ok(());
         };
         // Boxed: the Redis call's state would otherwise sit inside every request's future, used or not.
         if self.shared.is_some()
-            && let Some(decision) =
-                Box::pin(self.check_shared(format!("wxgate:rl:a:{ip}"), rate)).await
+            && let Some(decision) = Box::pin(self.check_shared(shared_key(), limit.rate)).await
         {
             return decision;
         }
-        check(local, &ip)
+        check(&limit.local, key)
+    }
+
+    /// A request from `ip` to `/auth/*`: `Err(seconds)` to wait when over the limit.
+    pub async fn check_auth(&self, ip: IpAddr) -> Result<(), u64> {
+        self.decide(self.auth.as_ref(), &ip, || format!("wxgate:rl:a:{ip}"))
+            .await
     }
 
     /// A proxied request of `user_id`: `Err(seconds)` to wait when over the limit.
     pub async fn check_user(&self, user_id: &String) -> Result<(), u64> {
-        let (Some(local), Some(rate)) = (&self.user, self.rates.1) else {
-            return Ok(());
-        };
-        if self.shared.is_some()
-            && let Some(decision) =
-                Box::pin(self.check_shared(format!("wxgate:rl:u:{user_id}"), rate)).await
-        {
-            return decision;
-        }
-        check(local, user_id)
+        self.decide(self.user.as_ref(), user_id, || {
+            format!("wxgate:rl:u:{user_id}")
+        })
+        .await
     }
 
     /// Forgets keys whose state is back to a full allowance.
     pub fn prune(&self) {
         if let Some(l) = &self.auth {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.local.retain_recent();
+            l.local.shrink_to_fit();
         }
         if let Some(l) = &self.user {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.local.retain_recent();
+            l.local.shrink_to_fit();
         }
     }
 
     /// Keys tracked now (for tests and metrics).
     pub fn tracked(&self) -> usize {
-        self.auth.as_ref().map_or(0, |l| l.len()) + self.user.as_ref().map_or(0, |l| l.len())
+        self.auth.as_ref().map_or(0, |l| l.local.len())
+            + self.user.as_ref().map_or(0, |l| l.local.len())
     }
 }
 
@@ -173,9 +185,8 @@ mod tests {
             burst: NonZeroU32::new(burst).unwrap(),
         };
         RateLimits {
-            auth: Some(limiter(rate)),
-            user: Some(limiter(rate)),
-            rates: (Some(rate), Some(rate)),
+            auth: Some(limit(rate)),
+            user: Some(limit(rate)),
             shared: None,
         }
     }

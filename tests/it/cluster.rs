@@ -71,6 +71,13 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The three instances, as A, B and C.
+    pub fn three(&self) -> (&Gate, &Gate, &Gate) {
+        (&self.gates[0], &self.gates[1], &self.gates[2])
+    }
+}
+
 pub async fn readyz(gate: &Gate) -> (u16, serde_json::Value) {
     let reply = Http::h1()
         .get(&format!("http://{}/readyz", gate.admin), &[])
@@ -147,9 +154,7 @@ async fn a_logout_on_one_instance_is_refused_on_the_others_within_a_second() {
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    let [a, b, c] = &cluster.gates[..] else {
-        unreachable!()
-    };
+    let (a, b, c) = cluster.three();
     let login = a.logged_in("fay").await;
     let access = token(&login, "access_token");
     // B and C have the session in their local caches.
@@ -192,9 +197,7 @@ async fn a_refresh_token_rotates_once_across_instances_and_a_replay_revokes_ever
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    let [a, b, c] = &cluster.gates[..] else {
-        unreachable!()
-    };
+    let (a, b, c) = cluster.three();
     let login = a.logged_in("gus").await;
     let first = token(&login, "refresh_token");
     // The same refresh token presented to two instances at once: exactly one wins.
@@ -379,9 +382,7 @@ async fn a_merge_on_one_instance_repoints_live_sessions_on_the_others() {
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    let [a, b, c] = &cluster.gates[..] else {
-        unreachable!()
-    };
+    let (a, b, c) = cluster.three();
     // An older account: the mini program's login carries no unionid, so the person is a user of
     // their own for now.
     let code = a.wechat.login_code_without_unionid(SHOP_APPID, "lea");
@@ -534,9 +535,7 @@ async fn a_browser_login_started_on_one_instance_finishes_on_another_once() {
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    let [a, b, c] = &cluster.gates[..] else {
-        unreachable!()
-    };
+    let (a, b, c) = cluster.three();
     let mut browser = Browser::of(a, "olga");
     let start = browser
         .request(
@@ -766,9 +765,7 @@ async fn session_keys_from_logins_on_any_instance_open_user_info_on_any_other() 
     let Some(cluster) = Cluster::start().await else {
         return;
     };
-    let [a, b, c] = &cluster.gates[..] else {
-        unreachable!()
-    };
+    let (a, b, c) = cluster.three();
     let first = a.logged_in("quinn").await;
     let old_info = a.wechat.user_info(SHOP_APPID, "quinn").unwrap();
     // A second login, on B, rotates the session_key; data sealed with either key opens on C.
