@@ -1263,6 +1263,14 @@ fn session_config(file: FileSession) -> Result<SessionConfig, ConfigError> {
         .iter()
         .any(|p| text.starts_with(p))
     {
+        // Parsed (not connected) here, so `wxgate check` catches a bad URL; the error names the
+        // problem, never the URL, which may hold a password.
+        if let Err(e) = redis::Client::open(text) {
+            return Err(ConfigError::invalid(
+                "session.store",
+                format!("is not a usable Redis URL ({:?})", e.kind()),
+            ));
+        }
         SessionStoreConfig::Redis {
             url: Secret::new(text),
         }
@@ -1927,5 +1935,23 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} leaked");
         }
         assert!(printed.contains("***"));
+    }
+
+    #[test]
+    fn store_urls_are_checked_without_repeating_them() {
+        for (store, key) in [
+            (
+                "[session]\nsigning_key = \"signing-key-signing-key-signing-key!\"\nstore = \"redis://:hunter2@10.0.0.9:notaport/0\"\n",
+                "session.store",
+            ),
+            (
+                "[identity]\nstore = \"postgres://u:hunter2@10.0.0.9:notaport/db\"\n",
+                "identity.store",
+            ),
+        ] {
+            let error = parse(&format!("{MINIMAL}{store}")).unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
     }
 }
