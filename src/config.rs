@@ -1259,17 +1259,20 @@ fn session_config(file: FileSession) -> Result<SessionConfig, ConfigError> {
     let text = text.trim();
     let store = if text == "memory" {
         SessionStoreConfig::Memory
-    } else if ["redis://", "rediss://", "redis+unix://", "unix://"]
-        .iter()
-        .any(|p| text.starts_with(p))
+    } else if [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "unix://",
+        "redis+sentinel://",
+    ]
+    .iter()
+    .any(|p| text.starts_with(p))
     {
         // Parsed (not connected) here, so `wxgate check` catches a bad URL; the error names the
         // problem, never the URL, which may hold a password.
-        if let Err(e) = redis::Client::open(text) {
-            return Err(ConfigError::invalid(
-                "session.store",
-                format!("is not a usable Redis URL ({:?})", e.kind()),
-            ));
+        if let Err(why) = crate::shared::check_url(text) {
+            return Err(ConfigError::invalid("session.store", why));
         }
         SessionStoreConfig::Redis {
             url: Secret::new(text),

@@ -51,6 +51,7 @@ pub mod routes;
 pub mod sample_backend;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod tls;
 pub mod wechat;
 

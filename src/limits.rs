@@ -30,7 +30,7 @@ struct Limit<K: std::hash::Hash + Eq + Clone> {
 }
 
 struct Shared {
-    redis: redis::aio::ConnectionManager,
+    redis: crate::shared::SharedRedis,
     gcra: redis::Script,
     /// Set while Redis fails, so the fallback is logged once per outage, not per request.
     failing: AtomicBool,
@@ -83,7 +83,7 @@ impl RateLimits {
     }
 
     /// Counters shared by every instance through Redis.
-    pub fn shared(mut self, redis: redis::aio::ConnectionManager) -> Self {
+    pub fn shared(mut self, redis: crate::shared::SharedRedis) -> Self {
         self.shared = Some(Shared {
             redis,
             gcra: redis::Script::new(GCRA),
@@ -101,7 +101,7 @@ impl RateLimits {
             .key(key)
             .arg(interval_ms)
             .arg(rate.burst.get())
-            .invoke_async(&mut shared.redis.clone())
+            .invoke_async(&mut shared.redis.conn())
             .await;
         match result {
             Ok(wait_ms) => {

@@ -17,6 +17,7 @@ use crate::body::Body;
 use crate::config::Secret;
 use crate::error::Error;
 use crate::identity::LoginIds;
+use crate::shared::SharedRedis;
 use crate::wechat::client::{CodeSession, OauthGrant, WechatError};
 
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
@@ -33,7 +34,7 @@ pub struct CodeExchanges<T> {
 }
 
 struct SharedExchanges {
-    redis: redis::aio::ConnectionManager,
+    redis: SharedRedis,
     /// How long an instance waits for another one's exchange of the same code.
     wait: Duration,
 }
@@ -132,7 +133,7 @@ impl SharedExchanges {
         ask: impl Future<Output = Result<T, WechatError>>,
     ) -> Result<Result<T, WechatError>, String> {
         let redis_key = format!("wxgate:code:{}", hex::encode(key));
-        let mut redis = self.redis.clone();
+        let mut redis = self.redis.conn();
         let claimed: Option<String> = redis::cmd("SET")
             .arg(&redis_key)
             .arg(PENDING)
@@ -196,7 +197,7 @@ impl<T: Shareable + Clone + Send + Sync + 'static> CodeExchanges<T> {
 
     /// The guard across instances, through Redis; `wait` bounds how long an instance waits for the
     /// answer of another that is exchanging the same code (longer than one WeChat call).
-    pub fn shared(mut self, redis: redis::aio::ConnectionManager, wait: Duration) -> Self {
+    pub fn shared(mut self, redis: SharedRedis, wait: Duration) -> Self {
         self.shared = Some(SharedExchanges { redis, wait });
         self
     }

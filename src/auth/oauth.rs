@@ -31,6 +31,7 @@ use crate::config::AppKind;
 use crate::error::Error;
 use crate::identity::LoginIds;
 use crate::session::token::random_bytes;
+use crate::shared::SharedRedis;
 use crate::wechat::client::OauthGrant;
 
 /// The session cookie of browser logins. `__Host-` makes browsers insist on `Secure`, `Path=/` and no
@@ -69,7 +70,7 @@ struct Pending {
 enum PendingLogins {
     Local(Cache<[u8; 32], Pending>),
     /// `wxgate:st:{sha256(state)}` -> the login as JSON, for [`STATE_LIFETIME`], taken with `GETDEL`.
-    Redis(redis::aio::ConnectionManager),
+    Redis(SharedRedis),
 }
 
 fn pending_key(state: &[u8; 32]) -> String {
@@ -99,7 +100,7 @@ impl PendingLogins {
                     .arg(value.to_string())
                     .arg("PX")
                     .arg(STATE_LIFETIME.as_millis() as u64)
-                    .query_async::<()>(&mut redis.clone())
+                    .query_async::<()>(&mut redis.conn())
                     .await
                     .map_err(pending_failure)
             }
@@ -113,7 +114,7 @@ impl PendingLogins {
             PendingLogins::Redis(redis) => {
                 let value: Option<String> = redis::cmd("GETDEL")
                     .arg(pending_key(&state))
-                    .query_async(&mut redis.clone())
+                    .query_async(&mut redis.conn())
                     .await
                     .map_err(pending_failure)?;
                 let Some(value) = value else {
@@ -167,7 +168,7 @@ impl OauthState {
     }
 
     /// State shared by every instance through Redis; `wait` as in [`CodeExchanges::shared`].
-    pub fn shared(redis: redis::aio::ConnectionManager, wait: Duration) -> Self {
+    pub fn shared(redis: SharedRedis, wait: Duration) -> Self {
         OauthState {
             answers: CodeExchanges::new(OAUTH_CODE_LIFETIME).shared(redis.clone(), wait),
             pending: PendingLogins::Redis(redis),

@@ -41,6 +41,7 @@ use crate::session::memory::MemoryStore;
 use crate::session::redis::RedisStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
 use crate::session::{Rotation, Session, SessionStore, UserChange};
+use crate::shared::SharedRedis;
 use crate::wechat::access_token::{AccessTokens, LocalAccessTokens, RedisAccessTokens};
 use crate::wechat::client::{CodeSession, WechatClient};
 
@@ -74,7 +75,7 @@ pub struct AuthService {
     pub(super) metrics: Arc<Metrics>,
     pub(super) access_tokens: Arc<dyn AccessTokens>,
     /// Set when the instances share state through Redis.
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<SharedRedis>,
     pub(super) oauth: OauthState,
     /// `server.auth_prefix`, for the OAuth callback URL.
     pub(super) auth_prefix: String,
@@ -137,11 +138,11 @@ struct NodeState {
     access_tokens: Arc<dyn AccessTokens>,
     exchanges: CodeExchanges<CodeSession>,
     oauth: OauthState,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<SharedRedis>,
 }
 
 impl NodeState {
-    fn open(config: &Config, wechat: &WechatClient) -> Result<NodeState, StartError> {
+    async fn open(config: &Config, wechat: &WechatClient) -> Result<NodeState, StartError> {
         let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
         Ok(match &config.session.store {
             SessionStoreConfig::Memory => NodeState {
@@ -155,8 +156,8 @@ impl NodeState {
                 redis: None,
             },
             SessionStoreConfig::Redis { url } => {
-                let store = RedisStore::open(url.expose(), config.session.refresh_ttl)?;
-                let redis = store.connection();
+                let redis = SharedRedis::open(url.expose()).await?;
+                let store = RedisStore::open(redis.clone(), config.session.refresh_ttl);
                 // Another instance's exchange of the same code takes at most one WeChat call.
                 let wait = config.wechat.timeout + Duration::from_secs(1);
                 NodeState {
@@ -189,7 +190,7 @@ impl AuthService {
             return Ok(None);
         }
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
-        let state = NodeState::open(config, &wechat)?;
+        let state = NodeState::open(config, &wechat).await?;
         Ok(Some(AuthService {
             apps: config
                 .apps
@@ -524,7 +525,7 @@ impl AuthService {
     }
 
     /// The Redis connection the instances share state through, when `session.store` is Redis.
-    pub fn redis(&self) -> Option<redis::aio::ConnectionManager> {
+    pub fn redis(&self) -> Option<SharedRedis> {
         self.redis.clone()
     }
 

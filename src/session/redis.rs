@@ -27,13 +27,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use moka::sync::Cache;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{
     REMEMBERED_REFRESH_TOKENS, RefreshHash, Rotation, SESSION_KEY_HISTORY, Session, SessionId,
     SessionStore, StoreError, UserChange,
 };
 use crate::config::Secret;
+use crate::shared::{RESPONSE_TIMEOUT, SharedRedis};
 
 /// The channel invalidations travel on.
 pub const CHANNEL: &str = "wxgate:invalidate";
@@ -42,9 +43,6 @@ pub const CHANNEL: &str = "wxgate:invalidate";
 pub const LOCAL_TTL: Duration = Duration::from_secs(1);
 /// Sessions kept in the local cache (the ones used in the last second).
 const LOCAL_CAPACITY: u64 = 100_000;
-/// How long one Redis command may take before the request fails with 503. Redis answers in well
-/// under a millisecond; waiting longer only holds requests.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError(Box::new(e))
@@ -105,7 +103,7 @@ return 1
 
 /// Sessions in Redis.
 pub struct RedisStore {
-    redis: ConnectionManager,
+    redis: SharedRedis,
     /// Sessions read in the last [`LOCAL_TTL`], trusted only while `subscribed`.
     local: Cache<SessionId, Arc<Session>>,
     /// Whether this instance is subscribed to [`CHANNEL`] right now.
@@ -120,17 +118,9 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A store on the Redis at `url`. It does not wait for Redis: until it answers, requests that
+    /// A store on the shared Redis. It does not wait for Redis: until it answers, requests that
     /// need a session fail with 503 and `/readyz` says so, and both recover by themselves.
-    pub fn open(url: &str, ttl: Duration) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError(redact(e).into()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let redis =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(store_error)?;
+    pub fn open(redis: SharedRedis, ttl: Duration) -> RedisStore {
         let local = Cache::builder()
             .max_capacity(LOCAL_CAPACITY)
             .time_to_live(LOCAL_TTL)
@@ -138,12 +128,12 @@ impl RedisStore {
         let subscribed = Arc::new(AtomicBool::new(false));
         let epoch = Arc::new(AtomicU64::new(0));
         let listener = tokio::spawn(listen(
-            client,
+            redis.clone(),
             local.clone(),
             subscribed.clone(),
             epoch.clone(),
         ));
-        Ok(RedisStore {
+        RedisStore {
             redis,
             local,
             subscribed,
@@ -152,17 +142,11 @@ impl RedisStore {
             update: redis::Script::new(UPDATE),
             ttl,
             listener,
-        })
+        }
     }
 
     fn conn(&self) -> ConnectionManager {
-        self.redis.clone()
-    }
-
-    /// The connection, for the other state instances share (access_tokens, code exchanges, rate
-    /// limits): one connection per instance multiplexes them all.
-    pub fn connection(&self) -> ConnectionManager {
-        self.redis.clone()
+        self.redis.conn()
     }
 
     /// Tells every instance (this one included) to drop `sids` from its local cache.
@@ -202,16 +186,11 @@ impl Drop for RedisStore {
     }
 }
 
-/// A URL error without the URL, which may hold a password.
-fn redact(e: redis::RedisError) -> String {
-    format!("session.store: not a usable Redis URL ({:?})", e.kind())
-}
-
 /// Keeps this instance subscribed to [`CHANNEL`], dropping invalidated sessions from `local`.
 /// Whenever the subscription is down, the cache is emptied and bypassed; it is used again only once
 /// the subscription is back, so no message can have been missed while it was trusted.
 async fn listen(
-    client: redis::Client,
+    redis: SharedRedis,
     local: Cache<SessionId, Arc<Session>>,
     subscribed: Arc<AtomicBool>,
     epoch: Arc<AtomicU64>,
@@ -226,7 +205,8 @@ async fn listen(
     let mut backoff = Duration::from_millis(50);
     loop {
         let connected = tokio::time::timeout(RESPONSE_TIMEOUT, async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            // Asked each time: after a failover the primary is another server.
+            let mut pubsub = redis.client().get_async_pubsub().await?;
             pubsub.subscribe(CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })

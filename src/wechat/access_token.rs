@@ -127,7 +127,7 @@ impl AccessTokens for LocalAccessTokens {
 /// holder; if the holder dies mid-fetch, the lease expires and another instance takes over.
 pub struct RedisAccessTokens {
     wechat: WechatClient,
-    redis: redis::aio::ConnectionManager,
+    redis: crate::shared::SharedRedis,
     lease: Duration,
     release: redis::Script,
 }
@@ -146,7 +146,7 @@ impl RedisAccessTokens {
     /// `wechat_timeout` bounds one fetch; the lease is twice that and a second.
     pub fn new(
         wechat: WechatClient,
-        redis: redis::aio::ConnectionManager,
+        redis: crate::shared::SharedRedis,
         wechat_timeout: Duration,
     ) -> Self {
         RedisAccessTokens {
@@ -160,7 +160,7 @@ impl RedisAccessTokens {
     async fn cached(&self, key: &str) -> Result<Option<String>, WechatError> {
         redis::cmd("GET")
             .arg(key)
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut self.redis.conn())
             .await
             .map_err(unavailable)
     }
@@ -189,7 +189,7 @@ impl AccessTokens for RedisAccessTokens {
                 .arg("NX")
                 .arg("PX")
                 .arg(self.lease.as_millis() as u64)
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis.conn())
                 .await
                 .map_err(unavailable)?;
             if taken.is_some() {
@@ -203,7 +203,7 @@ impl AccessTokens for RedisAccessTokens {
                             .arg(token.expose())
                             .arg("PX")
                             .arg((lifetime.as_millis() as u64).max(1))
-                            .query_async::<()>(&mut self.redis.clone())
+                            .query_async::<()>(&mut self.redis.conn())
                             .await
                             .map_err(unavailable)
                     }
@@ -213,7 +213,7 @@ impl AccessTokens for RedisAccessTokens {
                     .release
                     .key(&lock)
                     .arg(&holder)
-                    .invoke_async(&mut self.redis.clone())
+                    .invoke_async(&mut self.redis.conn())
                     .await;
                 stored?;
                 return fetched.map(|(token, _)| token);
@@ -232,7 +232,7 @@ impl AccessTokens for RedisAccessTokens {
             .release
             .key(format!("wxgate:at:{appid}"))
             .arg(stale.expose())
-            .invoke_async(&mut self.redis.clone())
+            .invoke_async(&mut self.redis.conn())
             .await;
         if let Err(e) = result {
             tracing::warn!(error = ?e.kind(), "could not drop a refused access_token from Redis");

@@ -791,3 +791,82 @@ async fn session_keys_from_logins_on_any_instance_open_user_info_on_any_other() 
         assert_eq!(reply.json()["user_id"], first["user_id"]);
     }
 }
+
+#[tokio::test]
+async fn with_sentinel_the_cluster_follows_a_redis_failover() {
+    let Some(primary) = RedisServer::start().await else {
+        return;
+    };
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let Some(replica) = RedisServer::start_with(&["--replicaof", &replica_of]).await else {
+        return;
+    };
+    let Some(sentinel) = RedisServer::sentinel(primary.port).await else {
+        return;
+    };
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let toml = cluster_config(&primary, &db.url).replace(
+        &primary.url(),
+        &format!("redis+sentinel://127.0.0.1:{}/main", sentinel.port),
+    );
+    let cluster = Cluster::with(primary, db, toml).await;
+    let (a, b, _) = cluster.three();
+    let login = a.logged_in("rex").await;
+    let access = token(&login, "access_token");
+    assert_eq!(b.get_with_token("/api/orders", &access).await.status, 200);
+    // The session is on the replica too before the primary dies.
+    let on_primary = redis::Client::open(cluster.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), "replicated", || {
+        let mut on_primary = on_primary.clone();
+        async move {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(1)
+                .arg(100)
+                .query_async(&mut on_primary)
+                .await
+                .unwrap();
+            acked == 1
+        }
+    })
+    .await;
+
+    let Cluster {
+        gates,
+        mut redis,
+        db: _db,
+    } = cluster;
+    redis.kill();
+    // Sentinel notices (0.5 s), promotes the replica, and every instance follows: the session
+    // written before the failover works again, and new logins work, on every instance.
+    for gate in &gates {
+        within(
+            Duration::from_secs(15),
+            "the session works after the failover",
+            || async { gate.get_with_token("/api/orders", &access).await.status == 200 },
+        )
+        .await;
+        let again = gate.logged_in("rex").await;
+        assert_eq!(again["user_id"], login["user_id"]);
+        let fresh = token(&again, "access_token");
+        assert_eq!(gate.get_with_token("/api/orders", &fresh).await.status, 200);
+    }
+    // Whatever failed during the failover failed closed: every request the backends saw carried
+    // an identity.
+    for gate in &gates {
+        for seen in gate.seen() {
+            assert_eq!(
+                seen.headers.get("x-user-id").map(|v| v.to_str().unwrap()),
+                login["user_id"].as_str(),
+                "{}",
+                seen.path
+            );
+        }
+    }
+    drop((replica, sentinel));
+}

@@ -131,13 +131,51 @@ fn redis_binary() -> Option<PathBuf> {
 pub struct RedisServer {
     pub port: u16,
     binary: PathBuf,
+    /// Arguments besides the port: a data server's, or a Sentinel's.
+    args: Vec<String>,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     /// A running server, or `None` (after a loud message) when `redis-server` is not installed.
     pub async fn start() -> Option<RedisServer> {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// A data server with `extra` arguments, e.g. `["--replicaof", "127.0.0.1 6379"]`.
+    pub async fn start_with(extra: &[&str]) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<String> = ["--save", "", "--appendonly", "no", "--dir"]
+            .map(str::to_owned)
+            .to_vec();
+        args.push(dir.path().to_str().expect("utf-8 path").to_owned());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        RedisServer::launch(args, dir).await
+    }
+
+    /// A Sentinel watching the primary on `primary_port` as `main`, quick to declare it down.
+    pub async fn sentinel(primary_port: u16) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor main 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds main 500\n\
+                 sentinel failover-timeout main 3000\n"
+            ),
+        )
+        .expect("write sentinel.conf");
+        // The configuration file comes first; Sentinel rewrites it as it learns.
+        let args = vec![
+            conf.to_str().expect("utf-8 path").to_owned(),
+            "--sentinel".to_owned(),
+        ];
+        RedisServer::launch(args, dir).await
+    }
+
+    async fn launch(args: Vec<String>, dir: tempfile::TempDir) -> Option<RedisServer> {
         let Some(binary) = redis_binary() else {
             missing("redis-server", "install Debian's redis-server package");
             return None;
@@ -149,8 +187,9 @@ impl RedisServer {
         let mut server = RedisServer {
             port,
             binary,
+            args,
             child: None,
-            _dir: tempfile::tempdir().expect("tempdir"),
+            dir,
         };
         server.resume().await;
         Some(server)
@@ -173,18 +212,9 @@ impl RedisServer {
     pub async fn resume(&mut self) {
         assert!(self.child.is_none(), "the server is running");
         let child = Command::new(&self.binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(self._dir.path())
+            .args(&self.args)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
