@@ -5,7 +5,6 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -14,7 +13,7 @@ use wxgate::config::{Config, Secret};
 use wxgate::proxy::headers::{ClientInfo, HeaderRules};
 use wxgate::session::memory::MemoryStore;
 use wxgate::session::token::{SessionId, Tokens, new_refresh_token};
-use wxgate::session::{Session, SessionStore};
+use wxgate::session::{Session, SessionApp, SessionIds, SessionStore};
 
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
@@ -49,28 +48,22 @@ fn sessions(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let store = Arc::new(MemoryStore::new(1_000_000, Duration::from_secs(86400)));
+    let store = Arc::new(MemoryStore::new(1_000_000));
+    let app = SessionApp::new("shop", "wx0123456789abcdef");
     let mut sids = Vec::new();
     runtime.block_on(async {
         for i in 0..100_000 {
             let sid = SessionId::random();
             let (_, refresh) = new_refresh_token(sid);
-            store
-                .insert(Session {
-                    sid,
-                    user_id: format!("u_{i:032}"),
-                    app: Arc::from("shop"),
-                    appid: "wx0123456789abcdef".into(),
-                    openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
-                    unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
-                    phone: None,
-                    created_at: 0,
-                    expires_at: u64::MAX,
-                    refresh,
-                    used_refresh: Vec::new(),
-                })
-                .await
-                .unwrap();
+            let user_id = format!("u_{i:032}");
+            let ids = SessionIds {
+                user_id: &user_id,
+                openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4",
+                unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA"),
+                phone: None,
+            };
+            let session = Session::new(sid, app.clone(), ids, 0, u64::MAX, refresh).unwrap();
+            store.insert(session, None).await.unwrap();
             sids.push(sid);
         }
     });
@@ -131,23 +124,23 @@ fn headers(c: &mut Criterion) {
             HeaderValue::from_static(value),
         );
     }
-    let identity = Identity {
-        user_id: "u_01a1fd2d13df70639aac598c73b87b6a".into(),
-        appid: "wx0123456789abcdef".into(),
-        openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
-        unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),
-        phone: None,
-    };
-    let client = ClientInfo {
-        peer: "203.0.113.9".parse().unwrap(),
-        scheme: "http",
-    };
+    let identity = Identity::new(
+        "wx0123456789abcdef",
+        SessionIds {
+            user_id: "u_01a1fd2d13df70639aac598c73b87b6a",
+            openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4",
+            unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA"),
+            phone: None,
+        },
+    )
+    .unwrap();
+    let client = ClientInfo::new("203.0.113.9".parse().unwrap(), "http");
     c.bench_function("headers: strip and inject, 20-header request", |b| {
         b.iter_batched_ref(
             || request.clone(),
             |headers| {
                 rules
-                    .prepare_request(headers, Some(&identity), client)
+                    .prepare_request(headers, Some(&identity), &client)
                     .unwrap()
             },
             criterion::BatchSize::SmallInput,

@@ -146,10 +146,7 @@ impl Gateway {
     pub fn service(self: &Arc<Self>, peer: SocketAddr, scheme: &'static str) -> ConnectionService {
         let gateway = self.clone();
         let metrics = self.metrics.clone();
-        let client = ClientInfo {
-            peer: peer.ip(),
-            scheme,
-        };
+        let client = Arc::new(ClientInfo::new(peer.ip(), scheme));
         let stack = ServiceBuilder::new()
             // Credentials are marked sensitive before anything might log request headers, so a Debug
             // print of the request shows "Sensitive" instead of the token.
@@ -165,10 +162,11 @@ impl Gateway {
             .service_fn(move |request: Request<Incoming>| {
                 let gateway = gateway.clone();
                 let metrics = metrics.clone();
+                let client = client.clone();
                 async move {
                     // A panic becomes a JSON 500 and a count, never a dropped connection. (tower-http's
                     // CatchPanic does the same but re-boxes every response body, on every request.)
-                    let handled = AssertUnwindSafe(gateway.handle(request, client))
+                    let handled = AssertUnwindSafe(gateway.handle(request, &client))
                         .catch_unwind()
                         .await;
                     Ok::<_, Infallible>(handled.unwrap_or_else(|_panic| {
@@ -183,7 +181,7 @@ impl Gateway {
     }
 
     /// Handles one request from end to end, recording its metrics and access-log line.
-    pub async fn handle(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+    pub async fn handle(&self, request: Request<Incoming>, client: &ClientInfo) -> Response<Body> {
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         let method = request.method().clone();
@@ -220,13 +218,13 @@ impl Gateway {
             route = &*outcome.route,
             status = response.status().as_u16(),
             duration_us = elapsed.as_micros() as u64,
-            user_id = outcome.user_id.as_deref().unwrap_or("-"),
+            user_id = outcome.user.as_ref().map_or("-", Identity::user_id),
             request_id = %request_id,
         );
         response
     }
 
-    async fn route_and_forward(&self, request: Request<Incoming>, client: ClientInfo) -> Outcome {
+    async fn route_and_forward(&self, request: Request<Incoming>, client: &ClientInfo) -> Outcome {
         let path = match routes::normalize_path(request.uri().path(), self.allow_encoded_slashes) {
             Ok(path) => path,
             Err(e) => return Outcome::failed(self.labels.invalid.clone(), None, e.into()),
@@ -261,7 +259,7 @@ impl Gateway {
             return Outcome {
                 route: self.labels.auth(rest),
                 path: Some(path),
-                user_id: None,
+                user: None,
                 result,
                 clear_cookie: false,
             };
@@ -274,7 +272,7 @@ impl Gateway {
             Err((e, via)) => return self.refused(route, path, &parts, e, via),
         };
         if let Some(identity) = &identity
-            && let Err(retry_after) = self.limits.check_user(&identity.user_id).await
+            && let Err(retry_after) = self.limits.check_user(identity.user_id()).await
         {
             return Outcome::failed(
                 route.name.clone(),
@@ -354,7 +352,7 @@ impl Gateway {
         Outcome {
             route: route.name.clone(),
             path: Some(path),
-            user_id: identity.map(|i| i.user_id),
+            user: identity,
             result,
             clear_cookie: false,
         }
@@ -447,14 +445,11 @@ impl Gateway {
         original_path: &str,
         path: String,
         request: Request<Incoming>,
-        client: ClientInfo,
+        client: &ClientInfo,
     ) -> Outcome {
         let label = self.labels.verify.clone();
         let judged = self.judge(original_path, &request, client).await;
-        let user_id = judged
-            .as_ref()
-            .ok()
-            .and_then(|identity| identity.as_ref().map(|i| i.user_id.clone()));
+        let user = judged.as_ref().ok().and_then(Option::clone);
         let result = match judged {
             Ok(identity) => {
                 let mut response = Response::new(body::empty());
@@ -478,7 +473,7 @@ impl Gateway {
         Outcome {
             route: label,
             path: Some(path),
-            user_id,
+            user,
             result,
             clear_cookie: false,
         }
@@ -488,7 +483,7 @@ impl Gateway {
         &self,
         original_path: &str,
         request: &Request<Incoming>,
-        client: ClientInfo,
+        client: &ClientInfo,
     ) -> Result<Option<Identity>, Error> {
         if !self.headers.is_trusted(client.peer) {
             return Err(Error::UntrustedProxy);
@@ -561,7 +556,7 @@ impl Gateway {
         Outcome {
             route: route.name.clone(),
             path: Some(path),
-            user_id: None,
+            user: None,
             result,
             clear_cookie,
         }
@@ -627,7 +622,8 @@ fn login_redirect(start: &str, path: &str, query: Option<&str>) -> Response<Body
 struct Outcome {
     route: Arc<str>,
     path: Option<String>,
-    user_id: Option<String>,
+    /// Who the request came from, when it was proven.
+    user: Option<Identity>,
     result: Result<Response<Body>, Error>,
     /// Clear the session cookie in the response (it was refused).
     clear_cookie: bool,
@@ -638,7 +634,7 @@ impl Outcome {
         Outcome {
             route,
             path,
-            user_id: None,
+            user: None,
             result: Err(err),
             clear_cookie: false,
         }

@@ -1,34 +1,44 @@
 //! Header hygiene: the only place identity headers are written. Every rule is a small function so that
 //! each can be tested alone, and [`HeaderRules::prepare_request`] applies them in a fixed order:
 //! hop-by-hop headers out, forgeable headers out, then ours in.
+//!
+//! This runs on every proxied request, so it is written to cost little when there is little to do:
+//! one pass over the header names decides what must go (most requests lose only `Authorization`),
+//! removals touch only those names, and the `X-Forwarded-For` value of a connection is formatted once,
+//! when it is accepted.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use crate::auth::{self, Identity};
 use crate::config::Config;
 use crate::error::Error;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the non-standard ones that act as such. They describe
-/// one connection and must not be forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
-
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Whether `name` (as `http` stores it: lower case) is a hop-by-hop header (RFC 9110 §7.6.1), or one
+/// of the non-standard ones that act as such. They describe one connection and must not be forwarded
+/// in either direction.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// Headers that say where a request came from. Believed only from trusted proxies.
 const FORWARDING: [&str; 5] = [
@@ -60,18 +70,40 @@ pub struct HeaderRules {
     openid: HeaderName,
     unionid: HeaderName,
     phone: Option<HeaderName>,
-    /// Every header name wxgate writes with identity: client values for them never pass.
-    identity_names: Vec<HeaderName>,
+    /// Every name a client header must not fold to (see [`same_header`]): the identity headers, whose
+    /// client values never pass, then the forwarding headers, whose exact spelling passes from trusted
+    /// proxies. With their lengths, so most names are ruled out by one comparison.
+    folded: Vec<(usize, HeaderName, Folded)>,
     allow_underscores: bool,
     trusted_proxies: Vec<IpNet>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Folded {
+    Identity,
+    Forwarding,
+}
+
 /// Facts about the client connection that the forwarding headers report.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: IpAddr,
     /// `"http"` or `"https"`: how the client reached wxgate.
     pub scheme: &'static str,
+    /// The peer's address as an `X-Forwarded-For` value, formatted once per connection.
+    forwarded_for: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(peer: IpAddr, scheme: &'static str) -> Self {
+        let forwarded_for = HeaderValue::try_from(canonical_ip(peer).to_string())
+            .expect("an IP address is a valid header value");
+        ClientInfo {
+            peer,
+            scheme,
+            forwarded_for,
+        }
+    }
 }
 
 impl HeaderRules {
@@ -97,10 +129,17 @@ impl HeaderRules {
         trusted_proxies: Vec<IpNet>,
     ) -> Self {
         let [user_id, appid, openid, unionid] = names;
-        let identity_names = [&user_id, &appid, &openid, &unionid]
+        let folded = [&user_id, &appid, &openid, &unionid]
             .into_iter()
             .chain(phone.as_ref())
-            .cloned()
+            .map(|name| (name.as_str().len(), name.clone(), Folded::Identity))
+            .chain(FORWARDING.iter().map(|name| {
+                (
+                    name.len(),
+                    HeaderName::from_static(name),
+                    Folded::Forwarding,
+                )
+            }))
             .collect();
         HeaderRules {
             user_id,
@@ -108,7 +147,7 @@ impl HeaderRules {
             openid,
             unionid,
             phone,
-            identity_names,
+            folded,
             allow_underscores,
             trusted_proxies,
         }
@@ -144,6 +183,9 @@ impl HeaderRules {
 
     /// Whether the client at `peer` is a proxy whose forwarding headers are believed.
     pub fn is_trusted(&self, peer: IpAddr) -> bool {
+        if self.trusted_proxies.is_empty() {
+            return false;
+        }
         let peer = canonical_ip(peer);
         self.trusted_proxies.iter().any(|net| net.contains(&peer))
     }
@@ -160,13 +202,37 @@ impl HeaderRules {
         &self,
         headers: &mut HeaderMap,
         identity: Option<&Identity>,
-        client: ClientInfo,
+        client: &ClientInfo,
     ) -> Result<(), Error> {
-        remove_hop_by_hop(headers);
-        remove_bearer_credentials(headers);
-        remove_own_cookies(headers);
         let trusted = self.is_trusted(client.peer);
-        self.remove_forgeable(headers, trusted);
+        let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
+        let mut own_cookies = false;
+        for name in headers.keys() {
+            if *name == header::CONNECTION {
+                connection_named(headers, &mut doomed);
+            } else if *name == header::AUTHORIZATION {
+                // Rule 2. Other schemes (Basic, a backend's own) pass through.
+                if headers.get_all(name).iter().any(auth::is_bearer) {
+                    doomed.push(name.clone());
+                }
+                continue;
+            } else if *name == header::COOKIE {
+                own_cookies = headers
+                    .get_all(name)
+                    .iter()
+                    .any(|v| mentions_own_cookie(v.as_bytes()));
+                continue;
+            }
+            if is_hop_by_hop(name.as_str()) || self.forgeable(name.as_str(), trusted) {
+                doomed.push(name.clone());
+            }
+        }
+        for name in &doomed {
+            headers.remove(name);
+        }
+        if own_cookies {
+            remove_own_cookies(headers);
+        }
         self.set_forwarding(headers, client, trusted);
         if let Some(identity) = identity {
             self.insert_identity(headers, identity)?;
@@ -174,48 +240,34 @@ impl HeaderRules {
         Ok(())
     }
 
-    fn remove_forgeable(&self, headers: &mut HeaderMap, trusted: bool) {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| {
-                let name = name.as_str();
-                if name.contains('_') && !self.allow_underscores {
-                    return true;
-                }
-                if self
-                    .identity_names
-                    .iter()
-                    .any(|id| same_header(name, id.as_str()))
-                {
-                    return true;
-                }
-                FORWARDING
-                    .iter()
-                    .any(|f| same_header(name, f) && !(trusted && name == *f))
-            })
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(&name);
+    /// Rule 3 for one name: whether a client must not send it.
+    fn forgeable(&self, name: &str, trusted: bool) -> bool {
+        if !self.allow_underscores && name.contains('_') {
+            return true;
         }
+        self.folded.iter().any(|(len, canonical, kind)| {
+            *len == name.len()
+                && same_header(name, canonical.as_str())
+                && !(*kind == Folded::Forwarding && trusted && name == canonical.as_str())
+        })
     }
 
-    fn set_forwarding(&self, headers: &mut HeaderMap, client: ClientInfo, trusted: bool) {
-        let peer = canonical_ip(client.peer).to_string();
+    fn set_forwarding(&self, headers: &mut HeaderMap, client: &ClientInfo, trusted: bool) {
         // X-Forwarded-For: a trusted proxy's list is extended with the proxy itself; anyone else's
         // was removed above and starts again with the real peer.
-        let chain: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let xff = if chain.is_empty() {
-            peer
+        if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+            let peer = client.forwarded_for.to_str().unwrap_or_default();
+            let chain: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .chain([peer])
+                .collect();
+            if let Ok(value) = HeaderValue::try_from(chain.join(", ")) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
         } else {
-            format!("{}, {peer}", chain.join(", "))
-        };
-        if let Ok(value) = HeaderValue::try_from(xff) {
-            headers.insert(X_FORWARDED_FOR, value);
+            headers.insert(X_FORWARDED_FOR, client.forwarded_for.clone());
         }
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
@@ -237,29 +289,50 @@ impl HeaderRules {
             HeaderValue::try_from(v)
                 .map_err(|_| Error::Internal("identity value is not a valid header value".into()))
         };
-        headers.insert(self.user_id.clone(), value(&identity.user_id)?);
-        headers.insert(self.appid.clone(), value(&identity.appid)?);
-        headers.insert(self.openid.clone(), value(&identity.openid)?);
-        if let Some(unionid) = &identity.unionid {
+        headers.insert(self.user_id.clone(), value(identity.user_id())?);
+        headers.insert(self.appid.clone(), value(identity.appid())?);
+        headers.insert(self.openid.clone(), value(identity.openid())?);
+        if let Some(unionid) = identity.unionid() {
             headers.insert(self.unionid.clone(), value(unionid)?);
         }
-        if let (Some(name), Some(phone)) = (&self.phone, &identity.phone) {
+        if let (Some(name), Some(phone)) = (&self.phone, identity.phone()) {
             headers.insert(name.clone(), value(phone)?);
         }
         Ok(())
     }
 }
 
-/// Removes the hop-by-hop headers and every header the `Connection` header names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// Adds to `doomed` the headers a `Connection` header names (RFC 9110 §7.6.1), besides the usual
+/// `keep-alive` and `close` tokens.
+fn connection_named(headers: &HeaderMap, doomed: &mut SmallVec<[HeaderName; 8]>) {
+    doomed.push(header::CONNECTION);
+    for token in headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        .map(str::trim)
+    {
+        if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            doomed.push(name);
+        }
+    }
+}
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
+    for name in headers.keys() {
+        if *name == header::CONNECTION {
+            connection_named(headers, &mut doomed);
+        } else if is_hop_by_hop(name.as_str()) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in &doomed {
         headers.remove(name);
     }
 }
@@ -284,18 +357,6 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// Removes `Authorization: Bearer ...`: those are wxgate's tokens, meaningless and dangerous to a
-/// backend. Other schemes (Basic, a backend's own) pass through.
-fn remove_bearer_credentials(headers: &mut HeaderMap) {
-    if headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .any(auth::is_bearer)
-    {
-        headers.remove(header::AUTHORIZATION);
-    }
-}
-
 /// The prefix of wxgate's cookie names (the session and the login-state binding), compared without
 /// case so no spelling of them reaches a backend.
 const OWN_COOKIE_PREFIX: &[u8] = b"__host-wxgate";
@@ -309,13 +370,6 @@ fn mentions_own_cookie(value: &[u8]) -> bool {
 /// Removes wxgate's own cookies from `Cookie` headers and keeps the others in order; a header left
 /// empty goes. Cookies are credentials for wxgate only, like bearer tokens.
 fn remove_own_cookies(headers: &mut HeaderMap) {
-    if !headers
-        .get_all(header::COOKIE)
-        .iter()
-        .any(|v| mentions_own_cookie(v.as_bytes()))
-    {
-        return;
-    }
     let kept: Vec<HeaderValue> = headers
         .get_all(header::COOKIE)
         .iter()
@@ -372,20 +426,20 @@ mod tests {
     }
 
     fn client(peer: &str) -> ClientInfo {
-        ClientInfo {
-            peer: peer.parse().unwrap(),
-            scheme: "http",
-        }
+        ClientInfo::new(peer.parse().unwrap(), "http")
     }
 
     fn identity() -> Identity {
-        Identity {
-            user_id: "u_1".into(),
-            appid: "wx0123456789abcdef".into(),
-            openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4".into(),
-            unionid: None,
-            phone: None,
-        }
+        Identity::new(
+            "wx0123456789abcdef",
+            crate::session::SessionIds {
+                user_id: "u_1",
+                openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4",
+                unionid: None,
+                phone: None,
+            },
+        )
+        .unwrap()
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -425,7 +479,7 @@ mod tests {
                 ("x-other", "kept"),
             ]);
             rules(&[], allow)
-                .prepare_request(&mut h, None, client("203.0.113.9"))
+                .prepare_request(&mut h, None, &client("203.0.113.9"))
                 .unwrap();
             assert!(
                 !h.keys().any(|k| same_header(k.as_str(), "x-user-id")),
@@ -440,12 +494,12 @@ mod tests {
     fn underscore_names_are_dropped_unless_allowed() {
         let mut h = map(&[("my_header", "v")]);
         rules(&[], false)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         assert!(!h.contains_key("my_header"));
         let mut h = map(&[("my_header", "v")]);
         rules(&[], true)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         assert_eq!(h["my_header"], "v");
     }
@@ -454,7 +508,7 @@ mod tests {
     fn identity_headers_are_ours_alone() {
         let mut h = map(&[("x-user-id", "admin"), ("x-wechat-unionid", "forged")]);
         rules(&[], false)
-            .prepare_request(&mut h, Some(&identity()), client("203.0.113.9"))
+            .prepare_request(&mut h, Some(&identity()), &client("203.0.113.9"))
             .unwrap();
         assert_eq!(h.get_all("x-user-id").iter().collect::<Vec<_>>(), ["u_1"]);
         assert_eq!(h["x-wechat-openid"], "oVBkZ0aYgDMDIywRdgPW8-joxXc4");
@@ -482,12 +536,12 @@ mod tests {
     fn bearer_credentials_are_not_forwarded_but_other_schemes_are() {
         let mut h = map(&[("authorization", "Bearer eyJ.abc.def")]);
         rules(&[], false)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         assert!(!h.contains_key("authorization"));
         let mut h = map(&[("authorization", "Basic dXNlcjpwdw==")]);
         rules(&[], false)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         assert_eq!(h["authorization"], "Basic dXNlcjpwdw==");
     }
@@ -504,7 +558,7 @@ mod tests {
             h.append(header::COOKIE, HeaderValue::from_static(value));
         }
         rules(&[], false)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         let cookies: Vec<&str> = h
             .get_all(header::COOKIE)
@@ -514,7 +568,7 @@ mod tests {
         assert_eq!(cookies, ["theme=dark; lang=zh", "cart=3", "only=this"]);
         let mut untouched = map(&[("cookie", "a=1;b=2")]);
         rules(&[], false)
-            .prepare_request(&mut untouched, None, client("203.0.113.9"))
+            .prepare_request(&mut untouched, None, &client("203.0.113.9"))
             .unwrap();
         assert_eq!(untouched["cookie"], "a=1;b=2");
     }
@@ -531,7 +585,7 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         rules(&[], true)
-            .prepare_request(&mut h, None, client("203.0.113.9"))
+            .prepare_request(&mut h, None, &client("203.0.113.9"))
             .unwrap();
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -550,7 +604,7 @@ mod tests {
             ("x-forwarded-host", "shop.example.com"),
         ]);
         rules(&["10.0.0.0/8"], false)
-            .prepare_request(&mut h, None, client("::ffff:10.1.2.3"))
+            .prepare_request(&mut h, None, &client("::ffff:10.1.2.3"))
             .unwrap();
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -605,7 +659,7 @@ mod tests {
             }
             let id = identity();
             rules(&[], allow_underscores)
-                .prepare_request(&mut h, with_identity.then_some(&id), client("203.0.113.9"))
+                .prepare_request(&mut h, with_identity.then_some(&id), &client("203.0.113.9"))
                 .unwrap();
             for canonical in ["x-user-id", "x-wechat-appid", "x-wechat-openid", "x-wechat-unionid"] {
                 let present: Vec<(&HeaderName, &HeaderValue)> =
