@@ -143,13 +143,18 @@ impl Server {
             limits.clone(),
             tunnels.clone(),
         ));
-        // Rate-limit state of clients that have gone quiet is dropped once a minute.
+        // Once a minute: rate-limit state of clients that have gone quiet is dropped, and so are
+        // expired sessions.
+        let sessions = self.auth.as_ref().map(|auth| auth.sessions().clone());
         let pruning = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
                 limits.prune();
+                if let Some(sessions) = &sessions {
+                    sessions.sweep(crate::auth::service::unix_now());
+                }
             }
         });
         let admin = Admin {

@@ -320,10 +320,6 @@ impl AuthService {
             })
             .await?;
         tracing::info!(app = %app.name, user_id = %resolved.user_id, new_user = resolved.created, "login");
-        self.sessions
-            .push_session_key(appid, &exchanged.openid, exchanged.session_key.clone(), now)
-            .await
-            .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         let new = NewSession {
             user_id: resolved.user_id,
             openid: exchanged.openid,
@@ -331,7 +327,8 @@ impl AuthService {
             phone: resolved.phone,
             profile: opened.as_ref().map(open_data::profile),
         };
-        self.start_session(app, new, now).await
+        self.start_session(app, new, Some(&exchanged.session_key), now)
+            .await
     }
 }
 

@@ -10,22 +10,90 @@ pub mod service;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
 use crate::error::Error;
+use crate::session::{Session, SessionApp, SessionId, SessionIds};
 
-/// A proven caller, as the backend will see it in the identity headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user_id: String,
-    pub appid: String,
-    pub openid: String,
-    pub unionid: Option<String>,
+/// A proven caller, as the backend will see it in the identity headers: the live session the
+/// credential names (shared, not copied: a request costs a reference count, not five strings).
+#[derive(Clone)]
+pub struct Identity(Arc<Session>);
+
+impl Identity {
+    /// The identity a live session proves.
+    pub fn of(session: Arc<Session>) -> Self {
+        Identity(session)
+    }
+
+    /// An identity that is no wxgate session's, for authenticators of other kinds and for tests.
+    /// `None` when an id is empty or implausibly long.
+    pub fn new(appid: &str, ids: SessionIds<'_>) -> Option<Self> {
+        let session = Session::new(
+            SessionId([0; 16]),
+            SessionApp::new("", appid),
+            ids,
+            0,
+            u64::MAX,
+            [0; 32],
+        )
+        .ok()?;
+        Some(Identity(Arc::new(session)))
+    }
+
+    pub fn user_id(&self) -> &str {
+        self.0.user_id()
+    }
+
+    pub fn appid(&self) -> &str {
+        self.0.appid()
+    }
+
+    pub fn openid(&self) -> &str {
+        self.0.openid()
+    }
+
+    pub fn unionid(&self) -> Option<&str> {
+        self.0.unionid()
+    }
+
     /// Verified with `/auth/phone`; sent upstream only when `[headers] phone` is configured.
-    pub phone: Option<String>,
+    pub fn phone(&self) -> Option<&str> {
+        self.0.phone()
+    }
 }
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id())
+            .field("appid", &self.appid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            self.user_id(),
+            self.appid(),
+            self.openid(),
+            self.unionid(),
+            self.phone(),
+        ) == (
+            other.user_id(),
+            other.appid(),
+            other.openid(),
+            other.unionid(),
+            other.phone(),
+        )
+    }
+}
+
+impl Eq for Identity {}
 
 /// The future an [`Authenticator`] returns.
 pub type AuthFuture<'a> =

@@ -335,7 +335,7 @@ impl AuthService {
                 .code
                 .ok_or(Error::BadRequest(OAUTH_LOGIN_EXPECTED))?;
             let new = self.oauth_identity(app, &code).await?;
-            self.start_session(app, new, now).await
+            self.start_session(app, new, None, now).await
         }
         .await;
         self.count_login(app, &result);
@@ -424,15 +424,15 @@ impl AuthService {
             let new = self.oauth_identity(app, &code).await?;
             // A browser session is carried by its cookie alone; its refresh token is never handed
             // out.
-            let (session, _refresh_token) = self.new_session(app, new, now);
+            let (session, _refresh_token) = self.new_session(app, &new, now)?;
             let token = self.tokens.mint_access_until(
                 session.sid,
-                &session.user_id,
+                session.user_id(),
                 now,
-                session.expires_at,
+                session.expires_at(),
             );
             self.sessions
-                .insert(session)
+                .insert(session, None)
                 .await
                 .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
             Ok(token)

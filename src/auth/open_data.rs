@@ -124,13 +124,13 @@ impl AuthService {
     ) -> Result<Value, Error> {
         let keys = self
             .sessions
-            .session_keys(&session.appid, &session.openid)
+            .session_keys(session)
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         data.open(
             &keys,
-            &session.appid,
-            &session.openid,
+            session.appid(),
+            session.openid(),
             now,
             self.watermark_max_age,
         )
@@ -146,10 +146,10 @@ impl AuthService {
         let opened = self.open_for_session(&session, &data, now).await?;
         let user_id = match unionid(&opened) {
             Some(unionid) => self.learn_unionid(&session, unionid).await?,
-            None => session.user_id.clone(),
+            None => session.user_id().to_owned(),
         };
         let mut view = json!({ "user_id": user_id, "profile": profile(&opened) });
-        if let Some(unionid) = unionid(&opened).or(session.unionid.as_deref()) {
+        if let Some(unionid) = unionid(&opened).or(session.unionid()) {
             view["unionid"] = json!(unionid);
         }
         Ok(no_store(body::json(StatusCode::OK, &view)))
@@ -163,18 +163,18 @@ impl AuthService {
         session: &Arc<Session>,
         unionid: &str,
     ) -> Result<String, Error> {
-        if session.unionid.as_deref() == Some(unionid) {
-            return Ok(session.user_id.clone());
+        if session.unionid() == Some(unionid) {
+            return Ok(session.user_id().to_owned());
         }
         let resolved = self
             .resolve_identity(LoginIds {
-                appid: &session.appid,
-                openid: &session.openid,
+                appid: session.appid(),
+                openid: session.openid(),
                 unionid: Some(unionid),
             })
             .await?;
         // This session's own user: it now has the unionid, or was itself merged into the survivor.
-        self.repoint(&session.user_id, &resolved.user_id, Some(unionid))
+        self.repoint(session.user_id(), &resolved.user_id, Some(unionid))
             .await?;
         Ok(resolved.user_id)
     }

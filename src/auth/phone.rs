@@ -53,7 +53,7 @@ impl AuthService {
                     return Err(Error::InvalidCode);
                 }
                 let info = with_token(&*self.access_tokens, &app.config, |access_token| {
-                    let (code, openid) = (code.clone(), session.openid.clone());
+                    let (code, openid) = (code.clone(), session.openid().to_owned());
                     async move {
                         self.wechat
                             .user_phone_number(&access_token, &code, &openid)
@@ -82,7 +82,7 @@ impl AuthService {
             verified_at: now as i64,
         };
         self.identities
-            .set_phone(&session.user_id, &phone)
+            .set_phone(session.user_id(), &phone)
             .await
             .map_err(|e| Error::IdentityUnavailable(Box::new(e)))?;
         self.sessions
@@ -95,7 +95,7 @@ impl AuthService {
             )
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
-        tracing::info!(user_id = %session.user_id, "phone number verified");
+        tracing::info!(user_id = %session.user_id(), "phone number verified");
         Ok(no_store(body::json(
             StatusCode::OK,
             &json!({

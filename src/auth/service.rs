@@ -33,14 +33,14 @@ use super::open_data::OpenData;
 use super::phone::{PHONE_EXPECTED, PhoneRequest};
 use super::{AuthFuture, Authenticator, Identity, bearer_token};
 use crate::body::{self, Body};
-use crate::config::{AppConfig, AppKind, Config, SessionStoreConfig};
+use crate::config::{AppConfig, AppKind, Config, Secret, SessionStoreConfig};
 use crate::error::Error;
 use crate::identity::{Identities, IdentityError, LoginIds, Resolved};
 use crate::metrics::Metrics;
 use crate::session::memory::MemoryStore;
 use crate::session::redis::RedisStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
-use crate::session::{Rotation, Session, SessionStore, UserChange};
+use crate::session::{Rotation, Session, SessionApp, SessionIds, SessionStore, UserChange};
 use crate::shared::SharedRedis;
 use crate::wechat::access_token::{AccessTokens, LocalAccessTokens, RedisAccessTokens};
 use crate::wechat::client::{CodeSession, WechatClient};
@@ -108,10 +108,22 @@ pub fn credential(headers: &HeaderMap) -> Option<(&str, Via)> {
     }
 }
 
-/// A configured app, with its name shared by every session of it.
+/// A configured app, with its name and appid shared by every session of it.
 pub(super) struct App {
     pub name: Arc<str>,
+    pub ids: Arc<SessionApp>,
     pub config: AppConfig,
+}
+
+impl App {
+    fn new(config: &AppConfig) -> App {
+        let ids = SessionApp::new(&config.name, &config.appid);
+        App {
+            name: ids.name.clone(),
+            ids,
+            config: config.clone(),
+        }
+    }
 }
 
 /// What a login knows about the user it starts a session for.
@@ -142,14 +154,15 @@ struct NodeState {
 }
 
 impl NodeState {
-    async fn open(config: &Config, wechat: &WechatClient) -> Result<NodeState, StartError> {
+    async fn open(
+        config: &Config,
+        wechat: &WechatClient,
+        apps: &[App],
+    ) -> Result<NodeState, StartError> {
         let exchanges = CodeExchanges::new(super::login::CODE_LIFETIME);
         Ok(match &config.session.store {
             SessionStoreConfig::Memory => NodeState {
-                sessions: Arc::new(MemoryStore::new(
-                    config.session.max_sessions,
-                    config.session.refresh_ttl,
-                )),
+                sessions: Arc::new(MemoryStore::new(config.session.max_sessions)),
                 access_tokens: Arc::new(LocalAccessTokens::new(wechat.clone())),
                 exchanges,
                 oauth: OauthState::new(),
@@ -157,7 +170,11 @@ impl NodeState {
             },
             SessionStoreConfig::Redis { url } => {
                 let redis = SharedRedis::open(url.expose()).await?;
-                let store = RedisStore::open(redis.clone(), config.session.refresh_ttl);
+                let store = RedisStore::open(
+                    redis.clone(),
+                    config.session.refresh_ttl,
+                    apps.iter().map(|app| app.ids.clone()).collect(),
+                );
                 // Another instance's exchange of the same code takes at most one WeChat call.
                 let wait = config.wechat.timeout + Duration::from_secs(1);
                 NodeState {
@@ -190,16 +207,10 @@ impl AuthService {
             return Ok(None);
         }
         let wechat = WechatClient::new(&config.wechat)?.with_metrics(metrics.clone());
-        let state = NodeState::open(config, &wechat).await?;
+        let apps: Vec<App> = config.apps.iter().map(App::new).collect();
+        let state = NodeState::open(config, &wechat, &apps).await?;
         Ok(Some(AuthService {
-            apps: config
-                .apps
-                .iter()
-                .map(|a| App {
-                    name: Arc::from(a.name.as_str()),
-                    config: a.clone(),
-                })
-                .collect(),
+            apps,
             wechat: wechat.clone(),
             access_tokens: state.access_tokens,
             redis: state.redis,
@@ -309,40 +320,49 @@ impl AuthService {
     }
 
     /// Creates a session for a resolved login and answers with its token pair.
+    /// `session_key` is the one this login's exchange got from WeChat (mini programs).
     pub(super) async fn start_session(
         &self,
         app: &App,
         mut new: NewSession,
+        session_key: Option<&Secret>,
         now: u64,
     ) -> Result<Response<Body>, Error> {
         let profile = new.profile.take();
-        let (session, refresh_token) = self.new_session(app, new, now);
+        let (session, refresh_token) = self.new_session(app, &new, now)?;
         let response = self.token_response(&session, refresh_token, profile, now);
         self.sessions
-            .insert(session)
+            .insert(session, session_key)
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         Ok(response)
     }
 
     /// A session for a resolved login, and its first refresh token.
-    pub(super) fn new_session(&self, app: &App, new: NewSession, now: u64) -> (Session, String) {
+    pub(super) fn new_session(
+        &self,
+        app: &App,
+        new: &NewSession,
+        now: u64,
+    ) -> Result<(Session, String), Error> {
         let sid = crate::session::SessionId::random();
         let (refresh_token, refresh) = new_refresh_token(sid);
-        let session = Session {
-            sid,
-            user_id: new.user_id,
-            app: app.name.clone(),
-            appid: app.config.appid.clone(),
-            openid: new.openid,
-            unionid: new.unionid,
-            phone: new.phone,
-            created_at: now,
-            expires_at: now + self.refresh_ttl,
-            refresh,
-            used_refresh: Vec::new(),
+        let ids = SessionIds {
+            user_id: &new.user_id,
+            openid: &new.openid,
+            unionid: new.unionid.as_deref(),
+            phone: new.phone.as_deref(),
         };
-        (session, refresh_token)
+        let session = Session::new(
+            sid,
+            app.ids.clone(),
+            ids,
+            now,
+            now + self.refresh_ttl,
+            refresh,
+        )
+        .map_err(|e| Error::Internal(format!("cannot start a session: {e}")))?;
+        Ok((session, refresh_token))
     }
 
     /// The token pair, plus the profile when the login carried user info.
@@ -353,15 +373,15 @@ impl AuthService {
         profile: Option<serde_json::Value>,
         now: u64,
     ) -> Response<Body> {
-        let access_token = self.tokens.mint_access(session.sid, &session.user_id, now);
+        let access_token = self.tokens.mint_access(session.sid, session.user_id(), now);
         let mut pair = json!({
             "access_token": access_token,
             "token_type": "Bearer",
             "expires_in": self.tokens.access_ttl(),
             "refresh_token": refresh_token,
-            "refresh_expires_in": session.expires_at.saturating_sub(now),
-            "user_id": session.user_id,
-            "unionid_known": session.unionid.is_some(),
+            "refresh_expires_in": session.expires_at().saturating_sub(now),
+            "user_id": session.user_id(),
+            "unionid_known": session.unionid().is_some(),
         });
         if let Some(profile) = profile {
             pair["profile"] = profile;
@@ -412,13 +432,13 @@ impl AuthService {
         let (token, _) = credential(headers).ok_or(Error::LoginRequired)?;
         let session = self.live_session(token, now).await?;
         let mut view = json!({
-            "user_id": session.user_id,
-            "app": &*session.app,
-            "appid": session.appid,
-            "openid": session.openid,
-            "expires_at": session.expires_at,
+            "user_id": session.user_id(),
+            "app": &**session.app(),
+            "appid": session.appid(),
+            "openid": session.openid(),
+            "expires_at": session.expires_at(),
         });
-        if let Some(unionid) = &session.unionid {
+        if let Some(unionid) = session.unionid() {
             view["unionid"] = json!(unionid);
         }
         Ok(no_store(body::json(StatusCode::OK, &view)))
@@ -499,7 +519,7 @@ impl AuthService {
         let app = self
             .apps
             .iter()
-            .find(|a| a.name == session.app)
+            .find(|a| Arc::ptr_eq(&a.ids, session.app_ids()))
             .ok_or(Error::InvalidToken)?;
         if app.config.kind != AppKind::MiniProgram {
             return Err(Error::BadRequest(
@@ -542,13 +562,7 @@ impl Authenticator for AuthService {
                 return Ok(None);
             };
             let session = self.live_session(token, unix_now()).await?;
-            Ok(Some(Identity {
-                user_id: session.user_id.clone(),
-                appid: session.appid.clone(),
-                openid: session.openid.clone(),
-                unionid: session.unionid.clone(),
-                phone: session.phone.clone(),
-            }))
+            Ok(Some(Identity::of(session)))
         })
     }
 }

@@ -19,35 +19,252 @@ pub use token::{RefreshHash, SessionId};
 pub const REMEMBERED_REFRESH_TOKENS: usize = 16;
 /// How many session_keys are kept per (appid, openid), newest first.
 pub const SESSION_KEY_HISTORY: usize = 4;
+/// The longest user_id, openid, unionid or phone number a session holds. WeChat's ids are 28
+/// characters and wxgate's own user ids 34; anything near this is not an id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The app a session belongs to: its configured name and its WeChat appid, shared by every session
+/// of that app.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SessionApp {
+    pub name: Arc<str>,
+    pub appid: Box<str>,
+}
+
+impl SessionApp {
+    pub fn new(name: &str, appid: &str) -> Arc<SessionApp> {
+        Arc::new(SessionApp {
+            name: Arc::from(name),
+            appid: Box::from(appid),
+        })
+    }
+}
+
+/// The people-facing ids of a session, as given to [`Session::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct SessionIds<'a> {
+    pub user_id: &'a str,
+    pub openid: &'a str,
+    pub unionid: Option<&'a str>,
+    /// Verified with `/auth/phone` (or known from the store at login).
+    pub phone: Option<&'a str>,
+}
+
+/// An id longer than [`MAX_ID_LEN`], or empty: the session is not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a session id field is empty or longer than {MAX_ID_LEN} bytes")]
+pub struct BadIds;
 
 /// One login's server-side state.
+///
+/// Laid out for the memory store, which keeps a million of these: the four ids (and, in the memory
+/// store, the session_keys of the login) share one allocation, the app is shared by all its sessions,
+/// times are seconds in 32 bits (good until 2106), and the used refresh tokens are allocated only
+/// once the session has been refreshed. 96 bytes, plus its ids and keys in one allocation.
 #[derive(Clone)]
 pub struct Session {
     pub sid: SessionId,
-    pub user_id: String,
-    /// The app's configured name.
-    pub app: Arc<str>,
-    pub appid: String,
-    pub openid: String,
-    pub unionid: Option<String>,
-    /// Verified with `/auth/phone` (or known from the store at login).
-    pub phone: Option<String>,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Unix seconds; moved forward by every refresh.
-    pub expires_at: u64,
+    /// Shared with every session of the app.
+    app: Arc<SessionApp>,
+    /// user_id, openid, unionid, phone, then 16-byte session_keys newest first.
+    data: Box<[u8]>,
+    /// Where user_id, openid, unionid and phone end in `data` (an absent one is empty).
+    ends: [u16; 4],
+    created_at: u32,
+    expires_at: u32,
     /// Hash of the one refresh token that may be used next.
     pub refresh: RefreshHash,
+    /// Hashes of refresh tokens already used, newest last; boxed (a thin pointer) because most
+    /// sessions have none.
+    used_refresh: Option<Box<UsedRefresh>>,
+}
+
+#[derive(Clone, Default)]
+struct UsedRefresh(Vec<RefreshHash>);
+
+fn seconds(t: u64) -> u32 {
+    u32::try_from(t).unwrap_or(u32::MAX)
+}
+
+impl Session {
+    /// A new session that lives from `created_at` until `expires_at` (Unix seconds).
+    pub fn new(
+        sid: SessionId,
+        app: Arc<SessionApp>,
+        ids: SessionIds<'_>,
+        created_at: u64,
+        expires_at: u64,
+        refresh: RefreshHash,
+    ) -> Result<Session, BadIds> {
+        let (data, ends) = pack(ids, &[])?;
+        Ok(Session {
+            sid,
+            app,
+            data,
+            ends,
+            created_at: seconds(created_at),
+            expires_at: seconds(expires_at),
+            refresh,
+            used_refresh: None,
+        })
+    }
+
+    fn text(&self, from: usize, to: u16) -> &str {
+        // Written from `&str`s by `pack`, so always UTF-8; ASCII in practice.
+        std::str::from_utf8(&self.data[from..usize::from(to)]).unwrap_or_default()
+    }
+
+    fn ids(&self) -> SessionIds<'_> {
+        SessionIds {
+            user_id: self.user_id(),
+            openid: self.openid(),
+            unionid: self.unionid(),
+            phone: self.phone(),
+        }
+    }
+
+    pub fn user_id(&self) -> &str {
+        self.text(0, self.ends[0])
+    }
+
+    pub fn openid(&self) -> &str {
+        self.text(usize::from(self.ends[0]), self.ends[1])
+    }
+
+    pub fn unionid(&self) -> Option<&str> {
+        Some(self.text(usize::from(self.ends[1]), self.ends[2])).filter(|u| !u.is_empty())
+    }
+
+    pub fn phone(&self) -> Option<&str> {
+        Some(self.text(usize::from(self.ends[2]), self.ends[3])).filter(|p| !p.is_empty())
+    }
+
+    /// The app's configured name.
+    pub fn app(&self) -> &Arc<str> {
+        &self.app.name
+    }
+
+    pub fn app_ids(&self) -> &Arc<SessionApp> {
+        &self.app
+    }
+
+    pub fn appid(&self) -> &str {
+        &self.app.appid
+    }
+
+    /// Unix seconds.
+    pub fn created_at(&self) -> u64 {
+        u64::from(self.created_at)
+    }
+
+    /// Unix seconds; moved forward by every refresh.
+    pub fn expires_at(&self) -> u64 {
+        u64::from(self.expires_at)
+    }
+
     /// Hashes of refresh tokens already used, newest last.
-    pub used_refresh: Vec<RefreshHash>,
+    pub fn used_refresh(&self) -> &[RefreshHash] {
+        self.used_refresh.as_deref().map_or(&[], |used| &used.0)
+    }
+
+    /// This session after presenting its current refresh token: `next` is expected from now on, and
+    /// the session lives until `expires_at`.
+    pub fn rotated(&self, next: RefreshHash, expires_at: u64) -> Session {
+        let mut rotated = self.clone();
+        let used = &mut rotated.used_refresh.get_or_insert_with(Default::default).0;
+        used.push(self.refresh);
+        if used.len() > REMEMBERED_REFRESH_TOKENS {
+            used.remove(0);
+        }
+        rotated.refresh = next;
+        rotated.expires_at = seconds(expires_at);
+        rotated
+    }
+
+    /// The session as it was stored with its used refresh tokens (the Redis store reads them back).
+    pub fn with_used_refresh(mut self, used: Vec<RefreshHash>) -> Session {
+        self.used_refresh = (!used.is_empty()).then(|| Box::new(UsedRefresh(used)));
+        self
+    }
+
+    /// This session with `change` recorded, and its user replaced by `user_id` when given.
+    pub fn changed(
+        &self,
+        user_id: Option<&str>,
+        change: UserChange<'_>,
+    ) -> Result<Session, BadIds> {
+        let mut ids = self.ids();
+        if let Some(user_id) = user_id {
+            ids.user_id = user_id;
+        }
+        ids.unionid = change.unionid.or(ids.unionid);
+        ids.phone = change.phone.or(ids.phone);
+        let (data, ends) = pack(ids, self.key_bytes())?;
+        Ok(Session {
+            data,
+            ends,
+            ..self.clone()
+        })
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        &self.data[usize::from(self.ends[3])..]
+    }
+
+    /// The session_keys this session carries (the memory store keeps a login's keys with its
+    /// session), newest first.
+    pub(crate) fn session_keys(&self) -> impl Iterator<Item = [u8; 16]> + '_ {
+        self.key_bytes()
+            .chunks_exact(16)
+            .map(|key| key.try_into().expect("16-byte chunks"))
+    }
+
+    /// This session carrying `keys` (newest first, at most [`SESSION_KEY_HISTORY`]).
+    pub(crate) fn with_session_keys(self, keys: &[[u8; 16]]) -> Session {
+        let keys = &keys[..keys.len().min(SESSION_KEY_HISTORY)];
+        let mut data = Vec::with_capacity(usize::from(self.ends[3]) + keys.len() * 16);
+        data.extend_from_slice(&self.data[..usize::from(self.ends[3])]);
+        for key in keys {
+            data.extend_from_slice(key);
+        }
+        Session {
+            data: data.into_boxed_slice(),
+            ..self
+        }
+    }
+}
+
+/// The ids one after the other, and where each ends; then `keys`.
+fn pack(ids: SessionIds<'_>, keys: &[u8]) -> Result<(Box<[u8]>, [u16; 4]), BadIds> {
+    let fields = [
+        ids.user_id,
+        ids.openid,
+        ids.unionid.unwrap_or(""),
+        ids.phone.unwrap_or(""),
+    ];
+    if ids.user_id.is_empty()
+        || ids.openid.is_empty()
+        || fields.iter().any(|f| f.len() > MAX_ID_LEN)
+    {
+        return Err(BadIds);
+    }
+    let mut data = Vec::with_capacity(fields.iter().map(|f| f.len()).sum::<usize>() + keys.len());
+    let mut ends = [0u16; 4];
+    for (end, field) in ends.iter_mut().zip(fields) {
+        data.extend_from_slice(field.as_bytes());
+        // At most 4 × MAX_ID_LEN bytes in all.
+        *end = u16::try_from(data.len()).map_err(|_| BadIds)?;
+    }
+    data.extend_from_slice(keys);
+    Ok((data.into_boxed_slice(), ends))
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("user_id", &self.user_id)
-            .field("app", &self.app)
-            .field("expires_at", &self.expires_at)
+            .field("user_id", &self.user_id())
+            .field("app", self.app())
+            .field("expires_at", &self.expires_at())
             .finish_non_exhaustive()
     }
 }
@@ -57,20 +274,6 @@ impl std::fmt::Debug for Session {
 pub struct UserChange<'a> {
     pub unionid: Option<&'a str>,
     pub phone: Option<&'a str>,
-}
-
-impl UserChange<'_> {
-    /// `session` with this change recorded.
-    pub fn apply(&self, session: &Session) -> Session {
-        let mut changed = session.clone();
-        if let Some(unionid) = self.unionid {
-            changed.unionid = Some(unionid.to_owned());
-        }
-        if let Some(phone) = self.phone {
-            changed.phone = Some(phone.to_owned());
-        }
-        changed
-    }
 }
 
 /// What presenting a refresh token did.
@@ -92,7 +295,14 @@ pub struct StoreError(#[source] pub BoxError);
 /// Where sessions live.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    async fn insert(&self, session: Session) -> Result<(), StoreError>;
+    /// Stores a new session. `session_key` is the one WeChat issued at this login (mini programs):
+    /// it becomes the newest of the person's session_keys in that app, and the older ones stay, up
+    /// to [`SESSION_KEY_HISTORY`].
+    async fn insert(
+        &self,
+        session: Session,
+        session_key: Option<&Secret>,
+    ) -> Result<(), StoreError>;
 
     /// The live session `sid`, if it exists and has not expired at `now`.
     async fn get(&self, sid: &SessionId, now: u64) -> Result<Option<Arc<Session>>, StoreError>;
@@ -129,24 +339,130 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Removes the session; `true` if it existed.
     async fn revoke(&self, sid: &SessionId) -> Result<bool, StoreError>;
 
-    /// Records the session_key WeChat issued for (appid, openid) at `at`; older ones stay, up to
-    /// [`SESSION_KEY_HISTORY`].
-    async fn push_session_key(
-        &self,
-        appid: &str,
-        openid: &str,
-        key: Secret,
-        at: u64,
-    ) -> Result<(), StoreError>;
-
-    /// The session_keys of (appid, openid), newest first.
-    async fn session_keys(&self, appid: &str, openid: &str) -> Result<Vec<Secret>, StoreError>;
+    /// The session_keys WeChat issued for the session's (appid, openid), newest first: the person's
+    /// logins on any device, not only this session's.
+    async fn session_keys(&self, session: &Session) -> Result<Vec<Secret>, StoreError>;
 
     /// Live sessions (approximate), for metrics; `None` when the store cannot count them cheaply.
     fn count(&self) -> Option<u64>;
 
+    /// Drops what expired by `now` (called about once a minute); stores that expire entries by
+    /// themselves do nothing.
+    fn sweep(&self, _now: u64) {}
+
     /// Whether the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids<'a>(unionid: Option<&'a str>, phone: Option<&'a str>) -> SessionIds<'a> {
+        SessionIds {
+            user_id: "u_0123456789abcdef0123456789abcdef",
+            openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4",
+            unionid,
+            phone,
+        }
+    }
+
+    #[test]
+    fn a_session_is_small() {
+        // The memory store's budget per session starts here: see benches/sessions_memory.rs.
+        assert_eq!(std::mem::size_of::<Session>(), 96);
+    }
+
+    #[test]
+    fn ids_read_back_as_given_and_changes_keep_the_rest() {
+        let app = SessionApp::new("shop", "wx0123456789abcdef");
+        let sid = SessionId::random();
+        let session = Session::new(sid, app.clone(), ids(None, None), 10, 20, [1; 32]).unwrap();
+        assert_eq!(session.user_id(), "u_0123456789abcdef0123456789abcdef");
+        assert_eq!(session.openid(), "oVBkZ0aYgDMDIywRdgPW8-joxXc4");
+        assert_eq!((session.unionid(), session.phone()), (None, None));
+        assert_eq!(
+            (&**session.app(), session.appid()),
+            ("shop", "wx0123456789abcdef")
+        );
+        assert_eq!((session.created_at(), session.expires_at()), (10, 20));
+
+        let keyed = session.with_session_keys(&[[7; 16], [8; 16]]);
+        let changed = keyed
+            .changed(
+                Some("u_other"),
+                UserChange {
+                    unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA"),
+                    phone: Some("13580006666"),
+                },
+            )
+            .unwrap();
+        assert_eq!(changed.user_id(), "u_other");
+        assert_eq!(changed.openid(), "oVBkZ0aYgDMDIywRdgPW8-joxXc4");
+        assert_eq!(changed.unionid(), Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA"));
+        assert_eq!(changed.phone(), Some("13580006666"));
+        assert_eq!(
+            changed.session_keys().collect::<Vec<_>>(),
+            [[7; 16], [8; 16]]
+        );
+        assert_eq!((changed.sid, changed.refresh), (sid, [1; 32]));
+    }
+
+    #[test]
+    fn refreshes_are_remembered_up_to_the_limit() {
+        let app = SessionApp::new("shop", "wx0123456789abcdef");
+        let mut session =
+            Session::new(SessionId::random(), app, ids(None, None), 10, 20, [0; 32]).unwrap();
+        assert!(session.used_refresh().is_empty());
+        for i in 1..=(REMEMBERED_REFRESH_TOKENS as u8 + 3) {
+            session = session.rotated([i; 32], 100 + u64::from(i));
+        }
+        let used = session.used_refresh();
+        assert_eq!(used.len(), REMEMBERED_REFRESH_TOKENS);
+        assert_eq!(
+            used.last(),
+            Some(&[REMEMBERED_REFRESH_TOKENS as u8 + 2; 32])
+        );
+        assert_eq!(session.refresh, [REMEMBERED_REFRESH_TOKENS as u8 + 3; 32]);
+        assert_eq!(
+            session.expires_at(),
+            100 + REMEMBERED_REFRESH_TOKENS as u64 + 3
+        );
+    }
+
+    #[test]
+    fn empty_or_huge_ids_make_no_session() {
+        let app = SessionApp::new("shop", "wx0123456789abcdef");
+        let long = "o".repeat(MAX_ID_LEN + 1);
+        for bad in [
+            SessionIds {
+                user_id: "",
+                ..ids(None, None)
+            },
+            SessionIds {
+                openid: "",
+                ..ids(None, None)
+            },
+            SessionIds {
+                openid: &long,
+                ..ids(None, None)
+            },
+            ids(Some(&long), None),
+        ] {
+            assert_eq!(
+                Session::new(SessionId::random(), app.clone(), bad, 0, 1, [0; 32]).map(drop),
+                Err(BadIds)
+            );
+        }
+        let longest = "o".repeat(MAX_ID_LEN);
+        let all = SessionIds {
+            user_id: &longest,
+            openid: &longest,
+            unionid: Some(&longest),
+            phone: Some(&longest),
+        };
+        assert!(Session::new(SessionId::random(), app, all, 0, 1, [0; 32]).is_ok());
     }
 }

@@ -30,8 +30,8 @@ use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 
 use super::{
-    REMEMBERED_REFRESH_TOKENS, RefreshHash, Rotation, SESSION_KEY_HISTORY, Session, SessionId,
-    SessionStore, StoreError, UserChange,
+    REMEMBERED_REFRESH_TOKENS, RefreshHash, Rotation, SESSION_KEY_HISTORY, Session, SessionApp,
+    SessionId, SessionIds, SessionStore, StoreError, UserChange,
 };
 use crate::config::Secret;
 use crate::shared::{RESPONSE_TIMEOUT, SharedRedis};
@@ -104,6 +104,8 @@ return 1
 /// Sessions in Redis.
 pub struct RedisStore {
     redis: SharedRedis,
+    /// The configured apps, which sessions read from Redis belong to.
+    apps: Vec<Arc<SessionApp>>,
     /// Sessions read in the last [`LOCAL_TTL`], trusted only while `subscribed`.
     local: Cache<SessionId, Arc<Session>>,
     /// Whether this instance is subscribed to [`CHANNEL`] right now.
@@ -120,7 +122,7 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on the shared Redis. It does not wait for Redis: until it answers, requests that
     /// need a session fail with 503 and `/readyz` says so, and both recover by themselves.
-    pub fn open(redis: SharedRedis, ttl: Duration) -> RedisStore {
+    pub fn open(redis: SharedRedis, ttl: Duration, apps: Vec<Arc<SessionApp>>) -> RedisStore {
         let local = Cache::builder()
             .max_capacity(LOCAL_CAPACITY)
             .time_to_live(LOCAL_TTL)
@@ -135,6 +137,7 @@ impl RedisStore {
         ));
         RedisStore {
             redis,
+            apps,
             local,
             subscribed,
             epoch,
@@ -238,35 +241,44 @@ async fn listen(
 }
 
 /// A session from its hash fields; `None` if a field is missing or malformed (the key was written by
-/// something else, or partly expired).
-fn parse(sid: SessionId, fields: &HashMap<String, Vec<u8>>) -> Option<Session> {
-    let text = |name: &str| {
-        fields
-            .get(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    };
+/// something else, or partly expired), or its app is no longer configured.
+fn parse(
+    sid: SessionId,
+    fields: &HashMap<String, Vec<u8>>,
+    apps: &[Arc<SessionApp>],
+) -> Option<Session> {
+    let text = |name: &str| fields.get(name).and_then(|v| std::str::from_utf8(v).ok());
     let number = |name: &str| text(name)?.parse::<u64>().ok();
     let used = fields.get("x").map(Vec::as_slice).unwrap_or_default();
     if !used.len().is_multiple_of(32) {
         return None;
     }
-    Some(Session {
-        sid,
+    let (name, appid) = (text("a")?, text("ai")?);
+    let app = apps
+        .iter()
+        .find(|app| &*app.name == name && &*app.appid == appid)?;
+    let ids = SessionIds {
         user_id: text("u")?,
-        app: Arc::from(text("a")?),
-        appid: text("ai")?,
         openid: text("o")?,
         unionid: text("un"),
         phone: text("p"),
-        created_at: number("c")?,
-        expires_at: number("e")?,
-        refresh: fields.get("r")?.as_slice().try_into().ok()?,
-        used_refresh: used
-            .chunks_exact(32)
-            .map(|hash| hash.try_into().expect("32 bytes"))
-            .collect(),
-    })
+    };
+    let session = Session::new(
+        sid,
+        app.clone(),
+        ids,
+        number("c")?,
+        number("e")?,
+        fields.get("r")?.as_slice().try_into().ok()?,
+    )
+    .ok()?;
+    Some(
+        session.with_used_refresh(
+            used.chunks_exact(32)
+                .map(|hash| hash.try_into().expect("32 bytes"))
+                .collect(),
+        ),
+    )
 }
 
 fn change_fields<'a>(change: &UserChange<'a>, user_id: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
@@ -285,44 +297,66 @@ fn change_fields<'a>(change: &UserChange<'a>, user_id: Option<&'a str>) -> Vec<(
 
 #[async_trait]
 impl SessionStore for RedisStore {
-    async fn insert(&self, session: Session) -> Result<(), StoreError> {
+    async fn insert(&self, session: Session, login_key: Option<&Secret>) -> Result<(), StoreError> {
         let key = session_key(&session.sid);
-        let user_key = user_key(&session.user_id);
+        let user_key = user_key(session.user_id());
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HSET")
             .arg(&key)
             .arg("u")
-            .arg(&session.user_id)
+            .arg(session.user_id())
             .arg("a")
-            .arg(&*session.app)
+            .arg(&**session.app())
             .arg("ai")
-            .arg(&session.appid)
+            .arg(session.appid())
             .arg("o")
-            .arg(&session.openid)
+            .arg(session.openid())
             .arg("c")
-            .arg(session.created_at)
+            .arg(session.created_at())
             .arg("e")
-            .arg(session.expires_at)
+            .arg(session.expires_at())
             .arg("r")
             .arg(&session.refresh[..])
             .arg("x")
-            .arg(session.used_refresh.concat());
-        if let Some(unionid) = &session.unionid {
-            pipe.cmd("HSET").arg(&key).arg("un").arg(unionid);
+            .arg(session.used_refresh().concat())
+            .ignore();
+        if let Some(unionid) = session.unionid() {
+            pipe.cmd("HSET").arg(&key).arg("un").arg(unionid).ignore();
         }
-        if let Some(phone) = &session.phone {
-            pipe.cmd("HSET").arg(&key).arg("p").arg(phone);
+        if let Some(phone) = session.phone() {
+            pipe.cmd("HSET").arg(&key).arg("p").arg(phone).ignore();
         }
         pipe.cmd("EXPIREAT")
             .arg(&key)
-            .arg(session.expires_at)
+            .arg(session.expires_at())
+            .ignore()
             .cmd("SADD")
             .arg(&user_key)
             .arg(hex::encode(session.sid.0))
+            .ignore()
             .cmd("EXPIRE")
             .arg(&user_key)
-            .arg(self.ttl.as_secs().max(1));
+            .arg(self.ttl.as_secs().max(1))
+            .ignore();
+        // The login's session_key, in the same transaction: a session never exists without the key
+        // its user's client encrypts with.
+        if let Some(login_key) = login_key {
+            let list = session_keys_key(session.appid(), session.openid());
+            pipe.cmd("LPUSH")
+                .arg(&list)
+                .arg(format!("{} {}", session.created_at(), login_key.expose()))
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&list)
+                .arg(0)
+                .arg(SESSION_KEY_HISTORY - 1)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&list)
+                .arg(self.ttl.as_secs().max(1))
+                .ignore();
+        }
         pipe.query_async::<()>(&mut self.conn())
             .await
             .map_err(store_error)
@@ -331,7 +365,7 @@ impl SessionStore for RedisStore {
     async fn get(&self, sid: &SessionId, now: u64) -> Result<Option<Arc<Session>>, StoreError> {
         let trusted = self.subscribed.load(Ordering::SeqCst);
         if trusted && let Some(session) = self.local.get(sid) {
-            return Ok(Some(session).filter(|s| s.expires_at > now));
+            return Ok(Some(session).filter(|s| s.expires_at() > now));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let fields: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
@@ -342,8 +376,10 @@ impl SessionStore for RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        let Some(session) = parse(*sid, &fields) else {
-            tracing::error!("session store: a session in Redis is malformed; treated as absent");
+        let Some(session) = parse(*sid, &fields, &self.apps) else {
+            tracing::error!(
+                "session store: a session in Redis is malformed or of an app no longer configured; treated as absent"
+            );
             return Ok(None);
         };
         let session = Arc::new(session);
@@ -351,7 +387,7 @@ impl SessionStore for RedisStore {
         if trusted && self.epoch.load(Ordering::SeqCst) == epoch {
             self.local.insert(*sid, session.clone());
         }
-        Ok(Some(session).filter(|s| s.expires_at > now))
+        Ok(Some(session).filter(|s| s.expires_at() > now))
     }
 
     async fn rotate_refresh(
@@ -381,12 +417,12 @@ impl SessionStore for RedisStore {
                         Some((String::from_utf8(pair[0].clone()).ok()?, pair[1].clone()))
                     })
                     .collect();
-                let Some(session) = parse(*sid, &fields) else {
+                let Some(session) = parse(*sid, &fields, &self.apps) else {
                     return Err(StoreError("a rotated session in Redis is malformed".into()));
                 };
                 let mut pipe = redis::pipe();
                 pipe.cmd("EXPIRE")
-                    .arg(user_key(&session.user_id))
+                    .arg(user_key(session.user_id()))
                     .arg(self.ttl.as_secs().max(1))
                     .ignore();
                 pipe.query_async::<()>(&mut self.conn())
@@ -467,37 +503,9 @@ impl SessionStore for RedisStore {
         Ok(removed == 1)
     }
 
-    async fn push_session_key(
-        &self,
-        appid: &str,
-        openid: &str,
-        key: Secret,
-        at: u64,
-    ) -> Result<(), StoreError> {
-        let list = session_keys_key(appid, openid);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("LPUSH")
-            .arg(&list)
-            .arg(format!("{at} {}", key.expose()))
-            .ignore()
-            .cmd("LTRIM")
-            .arg(&list)
-            .arg(0)
-            .arg(SESSION_KEY_HISTORY - 1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&list)
-            .arg(self.ttl.as_secs().max(1))
-            .ignore();
-        pipe.query_async::<()>(&mut self.conn())
-            .await
-            .map_err(store_error)
-    }
-
-    async fn session_keys(&self, appid: &str, openid: &str) -> Result<Vec<Secret>, StoreError> {
+    async fn session_keys(&self, session: &Session) -> Result<Vec<Secret>, StoreError> {
         let entries: Vec<String> = redis::cmd("LRANGE")
-            .arg(session_keys_key(appid, openid))
+            .arg(session_keys_key(session.appid(), session.openid()))
             .arg(0)
             .arg(-1)
             .query_async(&mut self.conn())

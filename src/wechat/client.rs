@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{Secret, WechatConfig};
+use crate::session::MAX_ID_LEN;
 
 /// What `jscode2session` returns on success.
 #[derive(Clone)]
@@ -164,15 +165,20 @@ impl WechatClient {
         let reply: Reply = serde_json::from_value(body).map_err(|_| {
             WechatError::Unavailable("jscode2session reply lacks openid or session_key".into())
         })?;
-        if reply.openid.is_empty() || reply.session_key.is_empty() {
+        let unionid = reply.unionid.filter(|u| !u.is_empty());
+        if !plausible_id(&reply.openid)
+            || !unionid.as_deref().is_none_or(plausible_id)
+            || decode_session_key(&reply.session_key).is_none()
+        {
             return Err(WechatError::Unavailable(
-                "jscode2session reply has an empty openid or session_key".into(),
+                "jscode2session reply has an openid, unionid or session_key of the wrong shape"
+                    .into(),
             ));
         }
         Ok(CodeSession {
             openid: reply.openid,
             session_key: Secret::new(reply.session_key),
-            unionid: reply.unionid.filter(|u| !u.is_empty()),
+            unionid,
         })
     }
 
@@ -210,9 +216,10 @@ impl WechatClient {
                 "oauth2/access_token reply lacks openid or access_token".into(),
             )
         })?;
-        if reply.openid.is_empty() {
+        let unionid = reply.unionid.filter(|u| !u.is_empty());
+        if !plausible_id(&reply.openid) || !unionid.as_deref().is_none_or(plausible_id) {
             return Err(WechatError::Unavailable(
-                "oauth2/access_token reply has an empty openid".into(),
+                "oauth2/access_token reply has an openid or unionid of the wrong shape".into(),
             ));
         }
         let snapshot_user = match &reply.is_snapshotuser {
@@ -223,7 +230,7 @@ impl WechatClient {
         };
         Ok(OauthGrant {
             openid: reply.openid,
-            unionid: reply.unionid.filter(|u| !u.is_empty()),
+            unionid,
             scope: reply.scope,
             snapshot_user,
             access_token: Secret::new(reply.access_token),
@@ -431,6 +438,23 @@ fn transport_error(e: reqwest::Error) -> WechatError {
     WechatError::Unavailable(format!("{kind}: {}", e.without_url()))
 }
 
+/// Whether WeChat's openid or unionid can be one: 1 to [`MAX_ID_LEN`] visible ASCII characters.
+/// (They are 28 characters of `[A-Za-z0-9_-]`; the check is looser so that a format change at WeChat
+/// does not lock users out, but strict enough that what is stored can always be sent as a header.)
+pub fn plausible_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A session_key's 16 bytes: it is 24 characters of standard base64.
+pub fn decode_session_key(key: &str) -> Option<[u8; 16]> {
+    use base64::Engine;
+    let mut bytes = [0u8; 18];
+    match base64::engine::general_purpose::STANDARD.decode_slice(key, &mut bytes) {
+        Ok(16) if key.len() == 24 => bytes[..16].try_into().ok(),
+        _ => None,
+    }
+}
+
 fn base_url(uri: &Uri) -> String {
     uri.to_string().trim_end_matches('/').to_owned()
 }
@@ -444,6 +468,35 @@ pub fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_session_keys_of_the_wrong_shape_are_recognised() {
+        assert!(plausible_id("oVBkZ0aYgDMDIywRdgPW8-joxXc4"));
+        for bad in [
+            "",
+            "o v",
+            "o\n",
+            "\u{7f}",
+            &"o".repeat(MAX_ID_LEN + 1),
+            "oé",
+        ] {
+            assert!(!plausible_id(bad), "{bad:?}");
+        }
+        assert_eq!(
+            decode_session_key("tiihtNczf5v6AKRyjwEUhQ=="),
+            hex::decode("b628a1b4d7337f9bfa00a4728f011485")
+                .ok()
+                .and_then(|b| b.try_into().ok())
+        );
+        for bad in [
+            "",
+            "tiihtNczf5v6AKRyjwEUhQ",
+            "tiihtNczf5v6AKRyjwEUhQ=",
+            "not base64 at all!!!!!!",
+        ] {
+            assert_eq!(decode_session_key(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn errcode_absent_or_zero_is_success() {

@@ -19,6 +19,7 @@ use wxgate::auth::{AuthFuture, Authenticator, Identity};
 use wxgate::body::{self, Body};
 use wxgate::error::Error;
 use wxgate::sample_backend::{Options, Recorded, SampleBackend};
+use wxgate::session::SessionIds;
 use wxgate::wechat::mock::MockWechat;
 use wxgate::{Config, Listeners, Server};
 
@@ -57,13 +58,15 @@ impl Authenticator for TestAuthenticator {
     fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a> {
         let result = match wxgate::auth::bearer_token(headers) {
             None => Ok(None),
-            Some("good") => Ok(Some(Identity {
-                user_id: USER.into(),
-                appid: APPID.into(),
-                openid: OPENID.into(),
-                unionid: Some(UNIONID.into()),
-                phone: None,
-            })),
+            Some("good") => Ok(Identity::new(
+                APPID,
+                SessionIds {
+                    user_id: USER,
+                    openid: OPENID,
+                    unionid: Some(UNIONID),
+                    phone: None,
+                },
+            )),
             Some("expired") => Err(Error::TokenExpired),
             Some("outage") => Err(Error::AuthUnavailable("session store down".into())),
             Some(_) => Err(Error::InvalidToken),
