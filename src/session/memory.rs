@@ -320,11 +320,7 @@ impl SessionStore for MemoryStore {
             drop(shard);
             self.replace_latest(&session, &rotated);
             Ok(Rotation::Rotated(rotated))
-        } else if session
-            .used_refresh()
-            .iter()
-            .any(|used| same(used, presented))
-        {
+        } else if session.was_used(presented) {
             shard.remove_at(position);
             self.live.fetch_sub(1, Ordering::Relaxed);
             Ok(Rotation::Replayed {

@@ -74,13 +74,33 @@ pub struct Session {
     expires_at: u32,
     /// Hash of the one refresh token that may be used next.
     pub refresh: RefreshHash,
-    /// Hashes of refresh tokens already used, newest last; boxed (a thin pointer) because most
+    /// The refresh tokens already used, to recognise a replay; boxed (a thin pointer) because most
     /// sessions have none.
     used_refresh: Option<Box<UsedRefresh>>,
 }
 
-#[derive(Clone, Default)]
-struct UsedRefresh(Vec<RefreshHash>);
+/// The first 16 bytes of the SHA-256 of each of the last [`REMEMBERED_REFRESH_TOKENS`] refresh
+/// tokens used, in a ring. 128 bits are plenty to recognise a token presented again (a forger
+/// would need a second preimage of them), and keep a much refreshed session at a fixed ~270 bytes
+/// more instead of half a kilobyte and a growing vector.
+#[derive(Clone)]
+struct UsedRefresh {
+    hashes: [[u8; 16]; REMEMBERED_REFRESH_TOKENS],
+    len: u8,
+    next: u8,
+}
+
+fn prefix(hash: &RefreshHash) -> [u8; 16] {
+    hash[..16].try_into().expect("32-byte hashes")
+}
+
+impl UsedRefresh {
+    fn remember(&mut self, hash: &RefreshHash) {
+        self.hashes[usize::from(self.next)] = prefix(hash);
+        self.next = ((usize::from(self.next) + 1) % REMEMBERED_REFRESH_TOKENS) as u8;
+        self.len = (usize::from(self.len) + 1).min(REMEMBERED_REFRESH_TOKENS) as u8;
+    }
+}
 
 fn seconds(t: u64) -> u32 {
     u32::try_from(t).unwrap_or(u32::MAX)
@@ -162,29 +182,39 @@ impl Session {
         u64::from(self.expires_at)
     }
 
-    /// Hashes of refresh tokens already used, newest last.
-    pub fn used_refresh(&self) -> &[RefreshHash] {
-        self.used_refresh.as_deref().map_or(&[], |used| &used.0)
+    /// Whether `presented` is one of the last [`REMEMBERED_REFRESH_TOKENS`] refresh tokens used,
+    /// compared in constant time.
+    pub fn was_used(&self, presented: &RefreshHash) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(used) = self.used_refresh.as_deref() else {
+            return false;
+        };
+        let presented = prefix(presented);
+        used.hashes[..usize::from(used.len)]
+            .iter()
+            .fold(subtle::Choice::from(0), |seen, hash| {
+                seen | hash.ct_eq(&presented)
+            })
+            .into()
     }
 
     /// This session after presenting its current refresh token: `next` is expected from now on, and
     /// the session lives until `expires_at`.
     pub fn rotated(&self, next: RefreshHash, expires_at: u64) -> Session {
         let mut rotated = self.clone();
-        let used = &mut rotated.used_refresh.get_or_insert_with(Default::default).0;
-        used.push(self.refresh);
-        if used.len() > REMEMBERED_REFRESH_TOKENS {
-            used.remove(0);
-        }
+        rotated
+            .used_refresh
+            .get_or_insert_with(|| {
+                Box::new(UsedRefresh {
+                    hashes: [[0; 16]; REMEMBERED_REFRESH_TOKENS],
+                    len: 0,
+                    next: 0,
+                })
+            })
+            .remember(&self.refresh);
         rotated.refresh = next;
         rotated.expires_at = seconds(expires_at);
         rotated
-    }
-
-    /// The session as it was stored with its used refresh tokens (the Redis store reads them back).
-    pub fn with_used_refresh(mut self, used: Vec<RefreshHash>) -> Session {
-        self.used_refresh = (!used.is_empty()).then(|| Box::new(UsedRefresh(used)));
-        self
     }
 
     /// This session with `change` recorded, and its user replaced by `user_id` when given.
@@ -415,21 +445,21 @@ mod tests {
         let app = SessionApp::new("shop", "wx0123456789abcdef");
         let mut session =
             Session::new(SessionId::random(), app, ids(None, None), 10, 20, [0; 32]).unwrap();
-        assert!(session.used_refresh().is_empty());
-        for i in 1..=(REMEMBERED_REFRESH_TOKENS as u8 + 3) {
+        assert!(
+            !session.was_used(&[0; 32]),
+            "the current token is not a used one"
+        );
+        let last = REMEMBERED_REFRESH_TOKENS as u8 + 3;
+        for i in 1..=last {
             session = session.rotated([i; 32], 100 + u64::from(i));
         }
-        let used = session.used_refresh();
-        assert_eq!(used.len(), REMEMBERED_REFRESH_TOKENS);
-        assert_eq!(
-            used.last(),
-            Some(&[REMEMBERED_REFRESH_TOKENS as u8 + 2; 32])
-        );
-        assert_eq!(session.refresh, [REMEMBERED_REFRESH_TOKENS as u8 + 3; 32]);
-        assert_eq!(
-            session.expires_at(),
-            100 + REMEMBERED_REFRESH_TOKENS as u64 + 3
-        );
+        // Tokens 0..=18 were used; the ring remembers the last 16 of them, 3..=18.
+        for i in 0..last {
+            assert_eq!(session.was_used(&[i; 32]), i >= 3, "token {i}");
+        }
+        assert!(!session.was_used(&[last; 32]), "the current token");
+        assert_eq!(session.refresh, [last; 32]);
+        assert_eq!(session.expires_at(), 100 + u64::from(last));
     }
 
     #[test]

@@ -249,8 +249,11 @@ fn parse(
 ) -> Option<Session> {
     let text = |name: &str| fields.get(name).and_then(|v| std::str::from_utf8(v).ok());
     let number = |name: &str| text(name)?.parse::<u64>().ok();
-    let used = fields.get("x").map(Vec::as_slice).unwrap_or_default();
-    if !used.len().is_multiple_of(32) {
+    // The used refresh tokens ("x") stay in Redis, where the rotation script checks them.
+    if !fields
+        .get("x")
+        .is_none_or(|used| used.len().is_multiple_of(32))
+    {
         return None;
     }
     let (name, appid) = (text("a")?, text("ai")?);
@@ -263,7 +266,7 @@ fn parse(
         unionid: text("un"),
         phone: text("p"),
     };
-    let session = Session::new(
+    Session::new(
         sid,
         app.clone(),
         ids,
@@ -271,14 +274,7 @@ fn parse(
         number("e")?,
         fields.get("r")?.as_slice().try_into().ok()?,
     )
-    .ok()?;
-    Some(
-        session.with_used_refresh(
-            used.chunks_exact(32)
-                .map(|hash| hash.try_into().expect("32 bytes"))
-                .collect(),
-        ),
-    )
+    .ok()
 }
 
 fn change_fields<'a>(change: &UserChange<'a>, user_id: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
@@ -318,8 +314,9 @@ impl SessionStore for RedisStore {
             .arg(session.expires_at())
             .arg("r")
             .arg(&session.refresh[..])
+            // A new session has used no refresh token yet.
             .arg("x")
-            .arg(session.used_refresh().concat())
+            .arg("")
             .ignore();
         if let Some(unionid) = session.unionid() {
             pipe.cmd("HSET").arg(&key).arg("un").arg(unionid).ignore();
