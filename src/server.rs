@@ -14,7 +14,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -180,7 +179,7 @@ impl Server {
                 (accepted, permit) = accept_within(&listeners.main, &connections) => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
                     let Some((acceptor, _)) = &self.tls else {
-                        let service = TowerToHyperService::new(gateway.service(peer, "http"));
+                        let service = gateway.service(peer, "http");
                         let connection = builder.serve_connection_with_upgrades(io(stream), service);
                         let connection = graceful.watch(connection.into_owned());
                         spawn_connection(async move {
@@ -192,7 +191,7 @@ impl Server {
                     // The handshake runs in the connection's task, bounded by the header timeout, so
                     // a slow or silent client never holds up the accept loop.
                     let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
-                    let service = TowerToHyperService::new(gateway.service(peer, "https"));
+                    let service = gateway.service(peer, "https");
                     let handshake_timeout = self.config.limits.header_timeout;
                     spawn_connection(async move {
                         let _permit = permit;

@@ -206,7 +206,7 @@ impl HeaderRules {
     ) -> Result<(), Error> {
         let trusted = self.is_trusted(client.peer);
         let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
-        let mut own_cookies = false;
+        let (mut cookies, mut own_cookies) = (false, false);
         for name in headers.keys() {
             if *name == header::CONNECTION {
                 connection_named(headers, &mut doomed);
@@ -217,6 +217,7 @@ impl HeaderRules {
                 }
                 continue;
             } else if *name == header::COOKIE {
+                cookies = true;
                 own_cookies = headers
                     .get_all(name)
                     .iter()
@@ -232,6 +233,12 @@ impl HeaderRules {
         }
         if own_cookies {
             remove_own_cookies(headers);
+        }
+        // The site's other cookies go on to the backend: never indexed by HPACK, should it speak h2.
+        if cookies && let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) {
+            cookies
+                .iter_mut()
+                .for_each(|value| value.set_sensitive(true));
         }
         self.set_forwarding(headers, client, trusted);
         if let Some(identity) = identity {

@@ -1,8 +1,13 @@
-//! Forwarding to the backend: a pooled, keep-alive HTTP client that streams bodies in both directions.
-//! Header rules live in [`headers`]; this module only moves requests and responses and maps transport
-//! failures to [`Error`]s.
+//! Forwarding to the backend: pooled keep-alive connections that stream bodies in both directions.
+//! HTTP/1.1 goes through wxgate's own [`pool`] (one backend needs no more); HTTP/2
+//! (`upstream.http2`) through hyper-util's client, which multiplexes one connection. Header rules
+//! live in [`headers`]; this module only moves requests and responses and maps transport failures
+//! to [`Error`]s.
 
 pub mod headers;
+pub mod pool;
+
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -16,10 +21,17 @@ use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 
+/// How requests reach the backend.
+#[derive(Clone)]
+enum Transport {
+    Http1(Arc<pool::Pool>),
+    Http2(Box<Client<HttpConnector, Body>>),
+}
+
 /// The backend and the connection pool to it.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    transport: Transport,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: http::HeaderValue,
@@ -34,18 +46,29 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, idle_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(config.http2)
-            .build(connector);
+        let transport = if config.http2 {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(config.connect_timeout));
+            connector.enforce_http(true);
+            Transport::Http2(Box::new(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .http2_only(true)
+                    .build(connector),
+            ))
+        } else {
+            let port = config.authority.port_u16().unwrap_or(80);
+            Transport::Http1(pool::Pool::new(
+                format!("{}:{port}", config.authority.host()),
+                config.connect_timeout,
+                config.pool_idle_timeout,
+            ))
+        };
         Upstream {
-            client,
+            transport,
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
             host: http::HeaderValue::from_str(config.authority.as_str())
@@ -70,7 +93,6 @@ impl Upstream {
         mut request: Request<Body>,
         path: &str,
     ) -> Result<Response<Body>, Error> {
-        *request.uri_mut() = self.target(request.uri(), path)?;
         // Whatever the client speaks to us, the pool speaks the configured protocol to the backend.
         *request.version_mut() = self.version;
         if !self.preserve_host {
@@ -78,13 +100,37 @@ impl Upstream {
                 .headers_mut()
                 .insert(header::HOST, self.host.clone());
         }
-        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
-        {
-            Err(_elapsed) => return Err(Error::UpstreamTimeout),
-            Ok(Err(e)) => return Err(Error::UpstreamUnavailable(Box::new(e))),
-            Ok(Ok(response)) => response,
+        let (mut parts, body) = match &self.transport {
+            Transport::Http1(pool) => {
+                // On its own connection HTTP/1.1 wants the origin form: /path?query.
+                *request.uri_mut() = Uri::from(self.path_and_query(request.uri(), path)?);
+                match tokio::time::timeout(self.timeout, pool.send(request)).await {
+                    Err(_elapsed) => return Err(Error::UpstreamTimeout),
+                    Ok(Err(e)) => return Err(Error::UpstreamUnavailable(Box::new(e))),
+                    Ok(Ok(response)) => {
+                        let (parts, body) = response.into_parts();
+                        (
+                            parts,
+                            body::boxed(body::IdleTimeout::new(body, self.idle_timeout)),
+                        )
+                    }
+                }
+            }
+            Transport::Http2(client) => {
+                *request.uri_mut() = self.target(request.uri(), path)?;
+                match tokio::time::timeout(self.timeout, client.request(request)).await {
+                    Err(_elapsed) => return Err(Error::UpstreamTimeout),
+                    Ok(Err(e)) => return Err(Error::UpstreamUnavailable(Box::new(e))),
+                    Ok(Ok(response)) => {
+                        let (parts, body) = response.into_parts();
+                        (
+                            parts,
+                            body::boxed(body::IdleTimeout::new(body, self.idle_timeout)),
+                        )
+                    }
+                }
+            }
         };
-        let (mut parts, incoming) = response.into_parts();
         let switching = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
@@ -92,14 +138,23 @@ impl Upstream {
         if let Some(protocol) = switching {
             headers::restore_upgrade(&mut parts.headers, protocol);
         }
-        let body = body::boxed(body::IdleTimeout::new(incoming, self.idle_timeout));
         Ok(Response::from_parts(parts, body))
     }
 
-    /// The backend URI for a client request: our scheme and authority, the base path, the normalised
-    /// path, and the client's query unchanged.
+    /// The backend URI for a client request: our scheme and authority, then
+    /// [`Upstream::path_and_query`].
     fn target(&self, original: &Uri, path: &str) -> Result<Uri, Error> {
-        let path_and_query = if self.base_path.is_empty() && original.path() == path {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(self.path_and_query(original, path)?)
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the upstream URI: {e}")))
+    }
+
+    /// The base path, the normalised path, and the client's query unchanged.
+    fn path_and_query(&self, original: &Uri, path: &str) -> Result<PathAndQuery, Error> {
+        Ok(if self.base_path.is_empty() && original.path() == path {
             // The common case: the path was already normal; reuse it without copying.
             original
                 .path_and_query()
@@ -115,12 +170,6 @@ impl Upstream {
             }
             PathAndQuery::try_from(pq)
                 .map_err(|e| Error::Internal(format!("cannot build the upstream path: {e}")))?
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| Error::Internal(format!("cannot build the upstream URI: {e}")))
+        })
     }
 }

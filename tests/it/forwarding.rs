@@ -1,6 +1,8 @@
 //! Forwarding over real sockets: headers the backend receives, streaming both ways, HTTP/2 from the
 //! client, and what the client gets when the backend is down or slow.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -305,4 +307,72 @@ async fn the_backend_can_be_spoken_to_in_http2() {
     assert_eq!(seen[0].version, "HTTP/2.0");
     assert_eq!(seen[0].headers["x-user-id"], USER);
     assert_eq!(seen[0].query.as_deref(), Some("x=1"));
+}
+
+/// A backend written by hand, to control its connections: answers each request with `200 ok` and
+/// counts the connections it accepted. With `close_silently`, it closes each connection after one
+/// answer without saying so (no `Connection: close`), as a backend's idle timeout does.
+async fn counting_backend(close_silently: bool) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = bind().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buffer.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() || close_silently {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn backend_connections_are_kept_alive_and_reused() {
+    let (upstream, accepted) = counting_backend(false).await;
+    let gate = Gate::with_config(ROUTES).upstream(&upstream).start().await;
+    let http = Http::h1();
+    for i in 0..20 {
+        let reply = http.get(&gate.url(&format!("/api/public/{i}")), &[]).await;
+        assert_eq!((reply.status.as_u16(), &reply.body[..]), (200, &b"ok"[..]));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for all");
+}
+
+#[tokio::test]
+async fn a_backend_closing_idle_connections_costs_no_request() {
+    let (upstream, accepted) = counting_backend(true).await;
+    let gate = Gate::with_config(ROUTES).upstream(&upstream).start().await;
+    let http = Http::h1();
+    for i in 0..20 {
+        let reply = http.get(&gate.url(&format!("/api/public/{i}")), &[]).await;
+        assert_eq!(
+            (reply.status.as_u16(), &reply.body[..]),
+            (200, &b"ok"[..]),
+            "request {i}"
+        );
+    }
+    // Some closes are noticed before the next request, some only when it finds the connection
+    // gone (it is then sent on a new one): either way, one connection per request.
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
 }
