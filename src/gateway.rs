@@ -1,4 +1,4 @@
-//! The request pipeline of the main listener. [`Gateway::service`] is the tower stack around one
+//! The request pipeline of the main listener. [`Gateway::service`] is what hyper drives for one
 //! connection; [`Gateway::handle`] walks a request through normalise → route → authenticate →
 //! header hygiene → forward, and turns every failure into a response (it never returns an error to
 //! hyper, so a client always gets an answer and a connection is never dropped on a bug).

@@ -5,7 +5,7 @@
 //! with identity headers it can trust, after removing anything a client could have forged.
 //!
 //! ```text
-//! client ──> server (accept, HTTP/1.1 + h2c) ──> gateway (tower stack: panic guard, request id)
+//! client ──> server (accept, HTTP/1.1 + h2c) ──> gateway (panic guard, request id)
 //!              │
 //!              ├─ routes:  normalise the path, pick the first matching [[routes]] rule
 //!              ├─ auth:    /auth/* answered here (wechat -> identity -> session); elsewhere the
