@@ -25,6 +25,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::gateway::{Gateway, Tunnels};
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
+use crate::proxy::headers::ClientInfo;
 use crate::tls::TlsReloader;
 
 /// The two listeners wxgate serves.
@@ -167,6 +168,16 @@ impl Server {
         // (the kernel's backlog holds the newcomers meanwhile).
         let connections = Arc::new(Semaphore::new(self.config.limits.max_connections));
         let graceful = GracefulShutdown::new();
+        // Client connections, whichever lane serves them: shutdown waits for them all. `draining`
+        // tells the fast lane's connections to finish the request in flight and take no other (the
+        // ones hyper serves hear it from `graceful`).
+        let clients = tokio_util::task::TaskTracker::new();
+        let draining = CancellationToken::new();
+        let handover = || crate::gateway::fast::Handover {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            draining: draining.clone(),
+        };
 
         self.readiness.set(true);
         tracing::info!(listen = %main_addr, admin = %admin_addr, "wxgate ready");
@@ -179,21 +190,22 @@ impl Server {
                 (accepted, permit) = accept_within(&listeners.main, &connections) => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "main").await else { continue };
                     let Some((acceptor, _)) = &self.tls else {
-                        let service = gateway.service(peer, "http");
-                        let connection = builder.serve_connection_with_upgrades(io(stream), service);
-                        let connection = graceful.watch(connection.into_owned());
-                        spawn_connection(async move {
+                        // Proxied requests are small writes that must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        let client = Arc::new(ClientInfo::new(peer.ip(), "http"));
+                        let served = crate::gateway::fast::serve(gateway.clone(), stream, client, handover());
+                        clients.spawn(connection_task(async move {
                             let _permit = permit;
-                            connection.await
-                        }, peer, cut_off.clone());
+                            served.await
+                        }, peer, cut_off.clone()));
                         continue;
                     };
                     // The handshake runs in the connection's task, bounded by the header timeout, so
                     // a slow or silent client never holds up the accept loop.
-                    let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
-                    let service = gateway.service(peer, "https");
+                    let (acceptor, handover) = (acceptor.clone(), handover());
+                    let gateway = gateway.clone();
                     let handshake_timeout = self.config.limits.header_timeout;
-                    spawn_connection(async move {
+                    clients.spawn(connection_task(async move {
                         let _permit = permit;
                         let _ = stream.set_nodelay(true);
                         let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -201,9 +213,14 @@ impl Server {
                             Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}").into()),
                             Err(_) => return Err("TLS handshake timed out".into()),
                         };
-                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                        watcher.watch(connection.into_owned()).await
-                    }, peer, cut_off.clone());
+                        let client = Arc::new(ClientInfo::new(peer.ip(), "https"));
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let service = gateway.service_with(client);
+                            let connection = handover.builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            return handover.watcher.watch(connection.into_owned()).await;
+                        }
+                        crate::gateway::fast::serve(gateway, tls, client, handover).await
+                    }, peer, cut_off.clone()));
                 }
                 accepted = listeners.admin.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted, "admin").await else { continue };
@@ -213,7 +230,7 @@ impl Server {
                         async move { admin.handle(request).await }
                     });
                     let connection = admin_builder.serve_connection(io(stream), service);
-                    spawn_connection(graceful.watch(connection.into_owned()), peer, cut_off.clone());
+                    tokio::spawn(connection_task(graceful.watch(connection.into_owned()), peer, cut_off.clone()));
                 }
             }
         }
@@ -222,11 +239,13 @@ impl Server {
         self.readiness.set(false);
         pruning.abort();
         drop(listeners);
-        let open = graceful.count();
+        let open = clients.len();
         tunnels.tracker.close();
+        clients.close();
         tracing::info!(connections = open, upgraded = tunnels.tracker.len(), timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
+        draining.cancel();
         let drained = async {
-            graceful.shutdown().await;
+            tokio::join!(graceful.shutdown(), clients.wait());
             tunnels.tracker.wait().await;
         };
         match tokio::time::timeout(self.config.server.shutdown_timeout, drained).await {
@@ -326,21 +345,20 @@ async fn accepted_or_pause(
     }
 }
 
-fn spawn_connection<F, E>(connection: F, peer: SocketAddr, cut_off: CancellationToken)
+/// A connection's task: it ends with the connection, or when the drain deadline cuts it off.
+async fn connection_task<F, E>(connection: F, peer: SocketAddr, cut_off: CancellationToken)
 where
-    F: Future<Output = Result<(), E>> + Send + 'static,
+    F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::spawn(async move {
-        tokio::select! {
-            result = connection => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
+    tokio::select! {
+        result = connection => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            () = cut_off.cancelled() => tracing::debug!(%peer, "connection cut off at the shutdown timeout"),
         }
-    });
+        () = cut_off.cancelled() => tracing::debug!(%peer, "connection cut off at the shutdown timeout"),
+    }
 }
 
 /// A bare accept loop for wxgate's helper servers (the sample backend, the mock WeChat): HTTP/1.1 and

@@ -99,13 +99,14 @@ impl Eq for Identity {}
 pub type AuthFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<Identity>, Error>> + Send + 'a>>;
 
-/// Decides who a request comes from.
+/// Decides who presents a credential: the bearer token, or the session cookie of a browser login.
 ///
-/// `Ok(None)`: the request carries no credentials. `Ok(Some(_))`: credentials proven. `Err(_)`:
-/// credentials presented but not acceptable (`InvalidToken`, `TokenExpired`) or the decision could not
-/// be made (`AuthUnavailable`) — the proxy fails closed on every error.
+/// `Ok(None)`: this authenticator recognises no credential (the request is anonymous).
+/// `Ok(Some(_))`: the credential is proven. `Err(_)`: the credential is not acceptable
+/// (`InvalidToken`, `TokenExpired`) or the decision could not be made (`AuthUnavailable`) — the proxy
+/// fails closed on every error. A request without any credential never reaches the authenticator.
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a>;
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a>;
 }
 
 /// The authenticator before any login method is configured: no request carries an identity.
@@ -113,7 +114,7 @@ pub trait Authenticator: Send + Sync + 'static {
 pub struct Anonymous;
 
 impl Authenticator for Anonymous {
-    fn authenticate<'a>(&'a self, _headers: &'a HeaderMap) -> AuthFuture<'a> {
+    fn authenticate<'a>(&'a self, _token: &'a str) -> AuthFuture<'a> {
         Box::pin(std::future::ready(Ok(None)))
     }
 }
@@ -121,7 +122,11 @@ impl Authenticator for Anonymous {
 /// The token of an `Authorization: Bearer <token>` header (RFC 6750 §2.1; the scheme is
 /// case-insensitive). `None` when there is no such header or it uses another scheme.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_in(headers.get(AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of one `Authorization` value, when its scheme is `Bearer`.
+pub fn bearer_in(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;

@@ -211,11 +211,15 @@ pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (n, value) = pair.trim().split_once('=')?;
-            (n == name && !value.is_empty()).then_some(value)
-        })
+        .find_map(|v| cookie_in(v, name))
+}
+
+/// The value of cookie `name` in one `Cookie` header value.
+pub fn cookie_in<'v>(value: &'v str, name: &str) -> Option<&'v str> {
+    value.split(';').find_map(|pair| {
+        let (n, value) = pair.trim().split_once('=')?;
+        (n == name && !value.is_empty()).then_some(value)
+    })
 }
 
 /// A `Set-Cookie` value for one of wxgate's cookies: host-only, `Secure`, `HttpOnly`, `SameSite=Lax`

@@ -17,10 +17,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -231,7 +229,7 @@ impl AuthService {
     pub async fn endpoint(
         &self,
         path: &str,
-        request: Request<Incoming>,
+        request: Request<Body>,
     ) -> Result<Response<Body>, Error> {
         let (parts, body) = request.into_parts();
         let now = unix_now();
@@ -556,11 +554,8 @@ impl AuthService {
 }
 
 impl Authenticator for AuthService {
-    fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
         Box::pin(async move {
-            let Some((token, _)) = credential(headers) else {
-                return Ok(None);
-            };
             let session = self.live_session(token, unix_now()).await?;
             Ok(Some(Identity::of(session)))
         })
@@ -588,14 +583,21 @@ struct RefreshRequest {
 
 /// Reads a JSON body of at most [`MAX_AUTH_BODY`] bytes.
 async fn read_json<T: DeserializeOwned>(
-    body: Incoming,
+    mut body: Body,
     expected: &'static str,
 ) -> Result<T, Error> {
-    let bytes: Bytes = match Limited::new(body, MAX_AUTH_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::PayloadTooLarge),
-        Err(_) => return Err(Error::BadRequest("The request body could not be read.")),
-    };
+    // Read frame by frame rather than through `Limited`: its error conversion over a boxed body
+    // trips the compiler's `Send` inference in the request future.
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Error::BadRequest("The request body could not be read."))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_AUTH_BODY {
+                return Err(Error::PayloadTooLarge);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
     serde_json::from_slice(&bytes).map_err(|_| Error::BadRequest(expected))
 }
 

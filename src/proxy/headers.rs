@@ -6,6 +6,11 @@
 //! one pass over the header names decides what must go (most requests lose only `Authorization`),
 //! removals touch only those names, and the `X-Forwarded-For` value of a connection is formatted once,
 //! when it is accepted.
+//!
+//! The rules are written once, as the [`Fate`] of one header given a [`Survey`] of the request's
+//! headers, and applied in two forms: to a `HeaderMap` ([`HeaderRules::prepare_request`], for requests
+//! hyper parsed) and as HTTP/1.1 text ([`HeaderRules::write_request_headers`], for the fast lane,
+//! which forwards the client's headers without building a map).
 
 use std::net::IpAddr;
 
@@ -14,7 +19,7 @@ use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 use smallvec::SmallVec;
 
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::config::Config;
 use crate::error::Error;
 
@@ -22,22 +27,79 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Whether `name` (as `http` stores it: lower case) is a hop-by-hop header (RFC 9110 §7.6.1), or one
-/// of the non-standard ones that act as such. They describe one connection and must not be forwarded
-/// in either direction.
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
+/// Whether `name` (in any case) is a hop-by-hop header (RFC 9110 §7.6.1), or one of the non-standard
+/// ones that act as such. They describe one connection and must not be forwarded in either direction.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ];
+    NAMES
+        .iter()
+        .any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
+}
+
+/// What happens to one client header on its way to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Pass,
+    Drop,
+    /// A `Cookie` header that names one of wxgate's cookies: passed with them cut out.
+    CutOwnCookies,
+}
+
+/// What one look at all of a request's headers found, which the fate of each depends on.
+#[derive(Debug, Default)]
+pub struct Survey<'h> {
+    /// Headers the `Connection` header names (besides `keep-alive` and `close`).
+    named: SmallVec<[&'h str; 4]>,
+    /// An `Authorization: Bearer` value: wxgate's credential, so every `Authorization` goes.
+    bearer: bool,
+    /// A `Cookie` value that mentions one of wxgate's cookies.
+    own_cookies: bool,
+}
+
+impl<'h> Survey<'h> {
+    pub fn new() -> Self {
+        Survey::default()
+    }
+
+    /// Takes one header into account.
+    pub fn look(&mut self, name: &'h str, value: &'h [u8]) {
+        if name.eq_ignore_ascii_case("connection") {
+            let tokens = std::str::from_utf8(value).unwrap_or_default().split(',');
+            for token in tokens.map(str::trim) {
+                if !token.is_empty()
+                    && !token.eq_ignore_ascii_case("keep-alive")
+                    && !token.eq_ignore_ascii_case("close")
+                {
+                    self.named.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case("authorization") {
+            self.bearer |= value
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+        } else if name.eq_ignore_ascii_case("cookie") {
+            self.own_cookies |= mentions_own_cookie(value);
+        }
+    }
+
+    /// A survey of every header of `headers`.
+    pub fn of_map(headers: &'h HeaderMap) -> Self {
+        let mut survey = Survey::new();
+        for (name, value) in headers {
+            survey.look(name.as_str(), value.as_bytes());
+        }
+        survey
+    }
 }
 
 /// Headers that say where a request came from. Believed only from trusted proxies.
@@ -207,25 +269,15 @@ impl HeaderRules {
         let trusted = self.is_trusted(client.peer);
         let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
         let (mut cookies, mut own_cookies) = (false, false);
-        for name in headers.keys() {
-            if *name == header::CONNECTION {
-                connection_named(headers, &mut doomed);
-            } else if *name == header::AUTHORIZATION {
-                // Rule 2. Other schemes (Basic, a backend's own) pass through.
-                if headers.get_all(name).iter().any(auth::is_bearer) {
-                    doomed.push(name.clone());
+        {
+            let survey = Survey::of_map(headers);
+            for name in headers.keys() {
+                cookies |= *name == header::COOKIE;
+                match self.fate(name.as_str(), &survey, trusted) {
+                    Fate::Pass => {}
+                    Fate::Drop => doomed.push(name.clone()),
+                    Fate::CutOwnCookies => own_cookies = true,
                 }
-                continue;
-            } else if *name == header::COOKIE {
-                cookies = true;
-                own_cookies = headers
-                    .get_all(name)
-                    .iter()
-                    .any(|v| mentions_own_cookie(v.as_bytes()));
-                continue;
-            }
-            if is_hop_by_hop(name.as_str()) || self.forgeable(name.as_str(), trusted) {
-                doomed.push(name.clone());
             }
         }
         for name in &doomed {
@@ -247,6 +299,34 @@ impl HeaderRules {
         Ok(())
     }
 
+    /// The rules of [`HeaderRules::prepare_request`] for one client header named `name` (any case).
+    pub fn fate(&self, name: &str, survey: &Survey<'_>, trusted: bool) -> Fate {
+        // Rule 1.
+        if is_hop_by_hop(name) || survey.named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            return Fate::Drop;
+        }
+        // Rule 2. Other schemes (Basic, a backend's own) pass through.
+        if name.eq_ignore_ascii_case("authorization") {
+            return if survey.bearer {
+                Fate::Drop
+            } else {
+                Fate::Pass
+            };
+        }
+        if name.eq_ignore_ascii_case("cookie") {
+            return if survey.own_cookies {
+                Fate::CutOwnCookies
+            } else {
+                Fate::Pass
+            };
+        }
+        if self.forgeable(name, trusted) {
+            Fate::Drop
+        } else {
+            Fate::Pass
+        }
+    }
+
     /// Rule 3 for one name: whether a client must not send it.
     fn forgeable(&self, name: &str, trusted: bool) -> bool {
         if !self.allow_underscores && name.contains('_') {
@@ -255,8 +335,94 @@ impl HeaderRules {
         self.folded.iter().any(|(len, canonical, kind)| {
             *len == name.len()
                 && same_header(name, canonical.as_str())
-                && !(*kind == Folded::Forwarding && trusted && name == canonical.as_str())
+                && !(*kind == Folded::Forwarding
+                    && trusted
+                    && name.eq_ignore_ascii_case(canonical.as_str()))
         })
+    }
+
+    /// The request's headers for the backend as HTTP/1.1 text: the client's `headers` (with `survey`
+    /// made of them) as their fates say, then `X-Forwarded-*`, then the identity. The same rules as
+    /// [`HeaderRules::prepare_request`], written out instead of applied to a map. `host`, when given,
+    /// replaces the client's `Host` (the upstream's own, when `upstream.preserve_host` is off).
+    pub fn write_request_headers<'h>(
+        &self,
+        out: &mut Vec<u8>,
+        headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+        survey: &Survey<'_>,
+        identity: Option<&Identity>,
+        client: &ClientInfo,
+        host: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        let trusted = self.is_trusted(client.peer);
+        let mut chain: SmallVec<[&[u8]; 2]> = SmallVec::new();
+        let (mut proto, mut forwarded_host, mut client_host) = (false, false, None);
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case("host") {
+                client_host.get_or_insert(value);
+                if host.is_some() {
+                    continue;
+                }
+            }
+            match self.fate(name, survey, trusted) {
+                Fate::Drop => continue,
+                // A trusted proxy's list is extended below, as one header.
+                Fate::Pass if trusted && name.eq_ignore_ascii_case("x-forwarded-for") => {
+                    chain.push(value);
+                    continue;
+                }
+                Fate::Pass => {
+                    proto |= name.eq_ignore_ascii_case("x-forwarded-proto");
+                    forwarded_host |= name.eq_ignore_ascii_case("x-forwarded-host");
+                    write_header(out, name.as_bytes(), value);
+                }
+                Fate::CutOwnCookies => {
+                    if let Some(kept) = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(without_own_cookies)
+                    {
+                        write_header(out, name.as_bytes(), kept.as_bytes());
+                    }
+                }
+            }
+        }
+        if let Some(host) = host {
+            write_header(out, b"host", host);
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for hop in chain {
+            out.extend_from_slice(hop);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client.forwarded_for.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if !proto {
+            write_header(out, b"x-forwarded-proto", client.scheme.as_bytes());
+        }
+        if !forwarded_host && let Some(client_host) = client_host {
+            write_header(out, b"x-forwarded-host", client_host);
+        }
+        if let Some(identity) = identity {
+            let mut value = |name: &HeaderName, v: &str| {
+                if !v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+                    return Err(Error::Internal(
+                        "identity value is not a valid header value".into(),
+                    ));
+                }
+                write_header(out, name.as_str().as_bytes(), v.as_bytes());
+                Ok(())
+            };
+            value(&self.user_id, identity.user_id())?;
+            value(&self.appid, identity.appid())?;
+            value(&self.openid, identity.openid())?;
+            if let Some(unionid) = identity.unionid() {
+                value(&self.unionid, unionid)?;
+            }
+            if let (Some(name), Some(phone)) = (&self.phone, identity.phone()) {
+                value(name, phone)?;
+            }
+        }
+        Ok(())
     }
 
     fn set_forwarding(&self, headers: &mut HeaderMap, client: &ClientInfo, trusted: bool) {
@@ -307,6 +473,14 @@ impl HeaderRules {
         }
         Ok(())
     }
+}
+
+/// `name: value\r\n`.
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Adds to `doomed` the headers a `Connection` header names (RFC 9110 §7.6.1), besides the usual
@@ -385,24 +559,28 @@ fn remove_own_cookies(headers: &mut HeaderMap) {
                 return Some(value.clone());
             }
             // Unreadable text that mentions our cookie cannot be filtered safely, so it goes whole.
-            let text = value.to_str().ok()?;
-            let others: Vec<&str> = text
-                .split(';')
-                .map(str::trim)
-                .filter(|pair| {
-                    let name = pair.split_once('=').map_or(*pair, |(n, _)| n).trim();
-                    !pair.is_empty() && !mentions_own_cookie(name.as_bytes())
-                })
-                .collect();
-            (!others.is_empty())
-                .then(|| HeaderValue::from_str(&others.join("; ")).ok())
-                .flatten()
+            without_own_cookies(value.to_str().ok()?)
+                .and_then(|kept| HeaderValue::from_str(&kept).ok())
         })
         .collect();
     headers.remove(header::COOKIE);
     for value in kept {
         headers.append(header::COOKIE, value);
     }
+}
+
+/// One `Cookie` value with wxgate's cookies cut out, the others kept in order; `None` when none is
+/// left.
+fn without_own_cookies(text: &str) -> Option<String> {
+    let others: Vec<&str> = text
+        .split(';')
+        .map(str::trim)
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n).trim();
+            !pair.is_empty() && !mentions_own_cookie(name.as_bytes())
+        })
+        .collect();
+    (!others.is_empty()).then(|| others.join("; "))
 }
 
 /// `::ffff:1.2.3.4` is `1.2.3.4`: a dual-stack listener reports IPv4 clients that way.
@@ -648,6 +826,104 @@ mod tests {
                 .collect()
         });
         prop_oneof![forged, "[a-zA-Z][a-zA-Z0-9_.-]{0,20}"]
+    }
+
+    /// The headers `write_request_headers` writes, read back as (lower-case name, value) pairs.
+    fn written(text: &[u8]) -> Vec<(String, String)> {
+        std::str::from_utf8(text)
+            .unwrap()
+            .split("\r\n")
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let (name, value) = line.split_once(": ").unwrap();
+                (name.to_ascii_lowercase(), value.to_owned())
+            })
+            .collect()
+    }
+
+    /// A name from the set the rules care about, in any case and spelling, or any other name.
+    fn any_header_name() -> impl Strategy<Value = String> {
+        let special = prop::sample::select(vec![
+            "connection",
+            "keep-alive",
+            "upgrade",
+            "te",
+            "authorization",
+            "cookie",
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+            "x-real-ip",
+            "x-secret-hop",
+            "proxy-authorization",
+        ])
+        .prop_flat_map(|name| (Just(name), prop::collection::vec(any::<bool>(), name.len())))
+        .prop_map(|(name, upper)| {
+            name.chars()
+                .zip(upper)
+                .map(|(c, u)| if u { c.to_ascii_uppercase() } else { c })
+                .collect()
+        });
+        prop_oneof![header_name(), special]
+    }
+
+    fn any_header_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ -~]{0,20}",
+            Just("Bearer abc.def.ghi".to_owned()),
+            Just("Basic dXNlcjpwdw==".to_owned()),
+            Just("keep-alive, x-secret-hop".to_owned()),
+            Just("theme=dark; __Host-wxgate=abc; lang=zh".to_owned()),
+            Just("__Host-wxgate-state=s".to_owned()),
+            Just("198.51.100.7".to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// The fast lane's text form of the rules and the HeaderMap form send the backend the same
+        /// headers, whatever the client sent, trusted or not.
+        #[test]
+        fn both_forms_of_the_rules_send_the_same_headers(
+            pairs in prop::collection::vec((any_header_name(), any_header_value()), 0..16),
+            allow_underscores in any::<bool>(),
+            trusted in any::<bool>(),
+            with_identity in any::<bool>(),
+        ) {
+            let rules = rules(if trusted { &["203.0.113.0/24"] } else { &[] }, allow_underscores);
+            let client = client("203.0.113.9");
+            let id = identity();
+            let identity = with_identity.then_some(&id);
+
+            let mut map = HeaderMap::new();
+            for (name, value) in &pairs {
+                map.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            rules.prepare_request(&mut map, identity, &client).unwrap();
+            let mut from_map: Vec<(String, String)> = map
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                .collect();
+
+            let mut survey = Survey::new();
+            for (name, value) in &pairs {
+                survey.look(name, value.as_bytes());
+            }
+            let mut text = Vec::new();
+            let raw = pairs.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+            rules
+                .write_request_headers(&mut text, raw, &survey, identity, &client, None)
+                .unwrap();
+            let mut from_text = written(&text);
+
+            from_map.sort();
+            from_text.sort();
+            prop_assert_eq!(from_text, from_map);
+        }
     }
 
     proptest! {

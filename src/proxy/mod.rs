@@ -6,6 +6,7 @@
 
 pub mod headers;
 pub mod pool;
+pub mod raw;
 
 use std::sync::Arc;
 

@@ -189,12 +189,7 @@ impl Pool {
 /// A copy of `request` to send again should its connection turn out to be closing, when sending it
 /// twice is harmless: an idempotent method and no body.
 fn replayable(request: &Request<Body>) -> Option<Request<Body>> {
-    use http::Method;
-    let idempotent = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    if !idempotent || !request.body().is_end_stream() {
+    if !is_idempotent(request.method()) || !request.body().is_end_stream() {
         return None;
     }
     let mut copy = Request::new(crate::body::empty());
@@ -203,6 +198,15 @@ fn replayable(request: &Request<Body>) -> Option<Request<Body>> {
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     Some(copy)
+}
+
+/// Methods a client may expect to be repeated safely (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 pin_project_lite::pin_project! {

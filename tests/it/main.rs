@@ -2,6 +2,7 @@
 
 mod admin;
 mod cluster;
+mod fast_lane;
 mod forward_auth;
 mod forwarding;
 mod identity_stores;

@@ -55,10 +55,9 @@ pub const UNIONID: &str = "ocMvos6NjeKLIBqg5Mr9QjxrP1FA";
 pub struct TestAuthenticator;
 
 impl Authenticator for TestAuthenticator {
-    fn authenticate<'a>(&'a self, headers: &'a HeaderMap) -> AuthFuture<'a> {
-        let result = match wxgate::auth::bearer_token(headers) {
-            None => Ok(None),
-            Some("good") => Ok(Identity::new(
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+        let result = match token {
+            "good" => Ok(Identity::new(
                 APPID,
                 SessionIds {
                     user_id: USER,
@@ -67,9 +66,9 @@ impl Authenticator for TestAuthenticator {
                     phone: None,
                 },
             )),
-            Some("expired") => Err(Error::TokenExpired),
-            Some("outage") => Err(Error::AuthUnavailable("session store down".into())),
-            Some(_) => Err(Error::InvalidToken),
+            "expired" => Err(Error::TokenExpired),
+            "outage" => Err(Error::AuthUnavailable("session store down".into())),
+            _ => Err(Error::InvalidToken),
         };
         Box::pin(std::future::ready(result))
     }

@@ -27,6 +27,8 @@ use crate::proxy::Upstream;
 use crate::proxy::headers::{self, ClientInfo, HeaderRules};
 use crate::routes::{self, Policy, RouteTable};
 
+pub(crate) mod fast;
+
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Connections upgraded after a `101` (WebSocket and the like): tracked so that shutdown gives them
@@ -59,6 +61,8 @@ pub struct Gateway {
     /// `limits.idle_timeout`: a request body that stalls this long fails the request.
     idle_timeout: std::time::Duration,
     tunnels: Tunnels,
+    /// wxgate's own HTTP/1.1 loop; `None` when the backend speaks HTTP/2.
+    fast: Option<fast::FastLane>,
 }
 
 struct Labels {
@@ -106,6 +110,7 @@ impl Gateway {
             max_body: config.limits.max_body,
             idle_timeout: config.limits.idle_timeout,
             tunnels,
+            fast: fast::FastLane::new(config),
             metrics,
             labels: Labels {
                 invalid: Arc::from("invalid_path"),
@@ -155,8 +160,23 @@ impl Gateway {
     + Send
     + Sync
     + 'static {
+        self.service_with(Arc::new(ClientInfo::new(peer.ip(), scheme)))
+    }
+
+    /// [`Gateway::service`] for a client already described.
+    pub(crate) fn service_with(
+        self: &Arc<Self>,
+        client: Arc<ClientInfo>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
         let gateway = self.clone();
-        let client = Arc::new(ClientInfo::new(peer.ip(), scheme));
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let gateway = gateway.clone();
             let client = client.clone();
@@ -187,11 +207,23 @@ impl Gateway {
         let method = request.method().clone();
         let request_id = request_id(request.headers_mut());
         let outcome = self.route_and_forward(request, client, &request_id).await;
+        self.finish(outcome, &method, &request_id, started)
+    }
+
+    /// The response an outcome gives the client: the error answered, a refused cookie cleared, the
+    /// request id echoed. Records the request's metrics and access line.
+    fn finish(
+        &self,
+        outcome: Outcome,
+        method: &Method,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Response<Body> {
         let mut response = match outcome.result {
             Ok(response) => response,
             // The span exists only now: a request that succeeds logs nothing but its access line,
             // which carries the same fields, and creating a span costs as much as a token check.
-            Err(err) => request_span(&method, &request_id, outcome.path.as_deref())
+            Err(err) => request_span(method, request_id, outcome.path.as_deref())
                 .in_scope(|| error::respond(err, &self.metrics)),
         };
         if outcome.clear_cookie {
@@ -207,20 +239,42 @@ impl Gateway {
                 .headers_mut()
                 .insert(X_REQUEST_ID, request_id.clone());
         }
+        self.record(
+            method,
+            &outcome.route,
+            outcome.path.as_deref(),
+            response.status().as_u16(),
+            started,
+            outcome.user.as_ref(),
+            request_id,
+        );
+        response
+    }
+
+    /// The metrics and the access line of one request.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        method: &Method,
+        route: &Arc<str>,
+        path: Option<&str>,
+        status: u16,
+        started: Instant,
+        user: Option<&Identity>,
+        request_id: &HeaderValue,
+    ) {
         let elapsed = started.elapsed();
-        self.metrics
-            .observe_request(&outcome.route, response.status().as_u16(), elapsed);
+        self.metrics.observe_request(route, status, elapsed);
         tracing::info!(
             target: "wxgate::access",
             method = %method,
-            path = outcome.path.as_deref().unwrap_or("-"),
-            route = &*outcome.route,
-            status = response.status().as_u16(),
+            path = path.unwrap_or("-"),
+            route = &**route,
+            status,
             duration_us = elapsed.as_micros() as u64,
-            user_id = outcome.user.as_ref().map_or("-", Identity::user_id),
+            user_id = user.map_or("-", Identity::user_id),
             request_id = request_id.to_str().unwrap_or("-"),
         );
-        response
     }
 
     async fn route_and_forward(
@@ -239,6 +293,8 @@ impl Gateway {
             // Boxed: their futures (WeChat calls, store transactions, Redis) are large, and inline
             // they would make every proxied request's future as large, copied at each move.
             let span = request_span(request.method(), request_id, Some(&path));
+            let (parts, incoming) = request.into_parts();
+            let request = Request::from_parts(parts, body::boxed(incoming));
             return Box::pin(self.own_endpoint(path, request, client).instrument(span)).await;
         }
         self.forward(path, request, client).await
@@ -248,7 +304,7 @@ impl Gateway {
     async fn own_endpoint(
         &self,
         path: String,
-        request: Request<Incoming>,
+        request: Request<Body>,
         client: &ClientInfo,
     ) -> Outcome {
         {
@@ -292,9 +348,20 @@ impl Gateway {
     ) -> Outcome {
         let route = self.routes.matching(request.method(), &path);
         let (mut parts, incoming) = request.into_parts();
-        let identity = match self.decide(route, &parts.method, &parts.headers).await {
+        let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
+        let decided = self
+            .decide(route, &parts.method, credential(&parts.headers), origin)
+            .await;
+        let identity = match decided {
             Ok(identity) => identity,
-            Err((e, via)) => return self.refused(route, path, &parts, e, via),
+            Err((e, via)) => {
+                let page = Page {
+                    method: &parts.method,
+                    accepts_html: accepts_html(&parts.headers),
+                    query: parts.uri.query(),
+                };
+                return self.refused(route, path, page, e, via);
+            }
         };
         if let Some(identity) = &identity
             && let Err(retry_after) = self.limits.check_user(identity.user_id()).await
@@ -438,21 +505,25 @@ impl Gateway {
         &self,
         route: &crate::routes::Route,
         method: &Method,
-        headers: &HeaderMap,
+        credential: Option<(&str, Via)>,
+        origin: Option<&[u8]>,
     ) -> Result<Option<Identity>, (Error, Option<Via>)> {
         if route.policy == Policy::Public {
             return Ok(None);
         }
-        // Where the credential came from matters only for writes and refusals: the common case, an
-        // accepted GET, does not parse it twice.
-        let via = || credential(headers).map(|(_, via)| via);
-        if !is_safe(method) && via() == Some(Via::Cookie) && !self.origin_allowed(headers) {
+        let Some((token, via)) = credential else {
+            return match route.policy {
+                Policy::Required => Err((Error::LoginRequired, None)),
+                _ => Ok(None),
+            };
+        };
+        if !is_safe(method) && via == Via::Cookie && !self.origin_allowed(origin) {
             return Err((Error::CrossOrigin, Some(Via::Cookie)));
         }
-        match self.authenticator.authenticate(headers).await {
-            Ok(None) if route.policy == Policy::Required => Err((Error::LoginRequired, via())),
+        match self.authenticator.authenticate(token).await {
+            Ok(None) if route.policy == Policy::Required => Err((Error::LoginRequired, Some(via))),
             Ok(identity) => Ok(identity),
-            Err(e) => Err((e, via())),
+            Err(e) => Err((e, Some(via))),
         }
     }
 
@@ -469,11 +540,13 @@ impl Gateway {
         &self,
         original_path: &str,
         path: String,
-        request: Request<Incoming>,
+        request: Request<Body>,
         client: &ClientInfo,
     ) -> Outcome {
         let label = self.labels.verify.clone();
-        let judged = self.judge(original_path, &request, client).await;
+        // Only the head is judged; a body held across the await would not be `Sync`.
+        let (parts, _) = request.into_parts();
+        let judged = self.judge(original_path, &parts, client).await;
         let user = judged.as_ref().ok().and_then(Option::clone);
         let result = match judged {
             Ok(identity) => {
@@ -507,13 +580,13 @@ impl Gateway {
     async fn judge(
         &self,
         original_path: &str,
-        request: &Request<Incoming>,
+        request: &http::request::Parts,
         client: &ClientInfo,
     ) -> Result<Option<Identity>, Error> {
         if !self.headers.is_trusted(client.peer) {
             return Err(Error::UntrustedProxy);
         }
-        let headers = request.headers();
+        let headers = &request.headers;
         let first = |names: [&str; 2]| {
             names
                 .iter()
@@ -523,7 +596,7 @@ impl Gateway {
         let method = match first(["x-forwarded-method", "x-original-method"]) {
             Some(m) => Method::from_bytes(m.trim().as_bytes())
                 .map_err(|_| Error::BadRequest(VERIFY_EXPECTED))?,
-            None => request.method().clone(),
+            None => request.method.clone(),
         };
         let uri: http::Uri = match first(["x-forwarded-uri", "x-original-uri"]) {
             Some(uri) => uri
@@ -531,7 +604,7 @@ impl Gateway {
                 .map_err(|_| Error::BadRequest(VERIFY_EXPECTED))?,
             None if !original_path.is_empty() => {
                 let mut envoy = original_path.to_owned();
-                if let Some(query) = request.uri().query() {
+                if let Some(query) = request.uri.query() {
                     envoy.push('?');
                     envoy.push_str(query);
                 }
@@ -547,7 +620,8 @@ impl Gateway {
             return Ok(None);
         }
         let route = self.routes.matching(&method, &path);
-        self.decide(route, &method, headers)
+        let origin = headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
+        self.decide(route, &method, credential(headers), origin)
             .await
             .map_err(|(e, _)| e)
     }
@@ -559,7 +633,7 @@ impl Gateway {
         &self,
         route: &crate::routes::Route,
         path: String,
-        parts: &http::request::Parts,
+        page: Page<'_>,
         err: Error,
         via: Option<Via>,
     ) -> Outcome {
@@ -571,10 +645,10 @@ impl Gateway {
         let result = match &route.browser_login {
             Some(start)
                 if credential_error
-                    && matches!(parts.method, Method::GET | Method::HEAD)
-                    && accepts_html(&parts.headers) =>
+                    && matches!(*page.method, Method::GET | Method::HEAD)
+                    && page.accepts_html =>
             {
-                Ok(login_redirect(start, &path, parts.uri.query()))
+                Ok(login_redirect(start, &path, page.query))
             }
             _ => Err(err),
         };
@@ -590,8 +664,8 @@ impl Gateway {
     /// Whether a state-changing request carrying the session cookie comes from one of the browser
     /// apps' own pages. Browsers send `Origin` with such requests; a request without it (an old
     /// browser, a non-browser client) relies on the cookie's `SameSite=Lax`.
-    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
-        match headers.get(header::ORIGIN).map(HeaderValue::as_bytes) {
+    fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        match origin {
             None => true,
             Some(origin) => self
                 .browser_origins
@@ -607,11 +681,16 @@ fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&X_REQUEST_ID) {
         return id.clone();
     }
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text))
-        .expect("a UUID is a valid header value");
+    let id = fresh_request_id();
     headers.insert(X_REQUEST_ID, id.clone());
     id
+}
+
+/// A new request id: a random UUID.
+fn fresh_request_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text))
+        .expect("a UUID is a valid header value")
 }
 
 /// The span of one request, for whatever it logs.
@@ -639,7 +718,19 @@ fn accepts_html(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
+        .any(|v| wants_html(v.as_bytes()))
+}
+
+/// Whether one `Accept` value asks for HTML.
+fn wants_html(accept: &[u8]) -> bool {
+    accept.windows(9).any(|w| w == b"text/html")
+}
+
+/// What a refusal needs to know to choose between a login redirect and an error.
+struct Page<'a> {
+    pub method: &'a Method,
+    pub accepts_html: bool,
+    pub query: Option<&'a str>,
 }
 
 /// `302` to the browser login at `start`, coming back to this page afterwards.
