@@ -309,7 +309,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                         return Next::Request(Parsed { head, ..parsed });
                     }
                     Ok(None) => {}
-                    Err(Unusual) => return Next::Hyper(self.buf.split().freeze()),
+                    Err(Unusual(why)) => {
+                        tracing::debug!(why, "the connection goes on through hyper");
+                        return Next::Hyper(self.buf.split().freeze());
+                    }
                 }
             }
             let idle = self.buf.is_empty();
@@ -343,7 +346,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
 }
 
 /// The request did not fit the fast lane: hyper takes the connection.
-struct Unusual;
+#[derive(Clone, Copy)]
+struct Unusual(&'static str);
 
 /// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete.
 fn parse_request(
@@ -357,16 +361,23 @@ fn parse_request(
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Ok(None),
         // Too large, too many headers, malformed, HTTP/2's preface: hyper answers or serves it.
-        _ => return Err(Unusual),
+        Ok(httparse::Status::Partial) => return Err(Unusual("a head larger than the lane reads")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Unusual("more headers than the lane takes"));
+        }
+        Err(_) => return Err(Unusual("a head httparse refuses (or HTTP/2's preface)")),
     };
-    if request.version != Some(1) || request.headers.len() > max_headers {
-        return Err(Unusual);
+    if request.version != Some(1) {
+        return Err(Unusual("HTTP/1.0"));
     }
-    let method =
-        Method::from_bytes(request.method.unwrap_or("").as_bytes()).map_err(|_| Unusual)?;
+    if request.headers.len() > max_headers {
+        return Err(Unusual("more headers than limits.max_headers"));
+    }
+    let method = Method::from_bytes(request.method.unwrap_or("").as_bytes())
+        .map_err(|_| Unusual("an unreadable method"))?;
     let target = request.path.unwrap_or("");
     if method == Method::CONNECT || !target.starts_with('/') || target.contains('#') {
-        return Err(Unusual);
+        return Err(Unusual("CONNECT, or a target not in origin form"));
     }
     // Heads are far smaller than 4 GiB (`max_head`), so positions fit in 32 bits.
     let offset = |part: &[u8]| {
@@ -388,26 +399,27 @@ fn parse_request(
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
         {
-            return Err(Unusual);
+            return Err(Unusual("Transfer-Encoding, Expect or Upgrade"));
         }
         if name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value).map_err(|_| Unusual)?;
+            let bad = Unusual("a Content-Length hyper must judge");
+            let value = std::str::from_utf8(header.value).map_err(|_| bad)?;
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Unusual);
+                return Err(bad);
             }
-            let n: u64 = value.parse().map_err(|_| Unusual)?;
+            let n: u64 = value.parse().map_err(|_| bad)?;
             if length.is_some_and(|l| l != n) {
-                return Err(Unusual);
+                return Err(bad);
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("connection") {
             for token in std::str::from_utf8(header.value)
-                .map_err(|_| Unusual)?
+                .map_err(|_| Unusual("an unreadable Connection header"))?
                 .split(',')
                 .map(str::trim)
             {
                 if token.eq_ignore_ascii_case("upgrade") {
-                    return Err(Unusual);
+                    return Err(Unusual("an upgrade"));
                 }
                 parsed.close |= token.eq_ignore_ascii_case("close");
             }
