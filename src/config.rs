@@ -201,6 +201,9 @@ pub struct FileWechat {
     /// Base URL of WeChat's OAuth pages (website QR login, official-account authorize), where browsers
     /// are sent to log in. Default `"https://open.weixin.qq.com"`; point it at the mock locally.
     pub open_base: Option<String>,
+    /// A PEM file of CA certificates trusted for `api_base` besides the usual public ones (Mozilla's),
+    /// for an egress proxy that re-signs TLS. Default none.
+    pub ca_file: Option<String>,
 }
 
 /// One `[[apps]]` entry.
@@ -437,6 +440,8 @@ pub struct WechatConfig {
     pub open_base: String,
     pub timeout: Duration,
     pub watermark_max_age: Duration,
+    /// `wechat.ca_file`'s certificates.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -937,9 +942,26 @@ fn wechat_config(file: FileWechat) -> Result<WechatConfig, ConfigError> {
             ),
         ));
     }
+    let extra_roots = match &file.ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let invalid = |why: String| ConfigError::invalid("wechat.ca_file", why);
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| invalid(format!("cannot read {path}: {e}")))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(format!("{path} is not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(invalid(format!("{path} holds no certificate")));
+            }
+            certs
+        }
+    };
     Ok(WechatConfig {
         api_base,
         open_base,
+        extra_roots,
         timeout: duration("wechat.timeout", file.timeout, Duration::from_secs(5))?,
         watermark_max_age: duration(
             "wechat.watermark_max_age",
@@ -1738,6 +1760,14 @@ mod tests {
             (
                 "[server]\nworkers = 0\n",
                 "server.workers: 0 is out of range",
+            ),
+            (
+                "[wechat]\nca_file = \"/nonexistent/ca.pem\"\n",
+                "wechat.ca_file: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "[wechat]\nca_file = \"Cargo.toml\"\n",
+                "wechat.ca_file: Cargo.toml holds no certificate",
             ),
             (
                 "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",

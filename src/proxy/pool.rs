@@ -1,4 +1,5 @@
-//! Keep-alive HTTP/1.1 connections to the backend: a stack of idle connections, newest on top.
+//! Keep-alive HTTP/1.1 connections to one server (the backend, for requests hyper parsed; WeChat's
+//! API, over TLS): a stack of idle connections, newest on top.
 //!
 //! One backend, one protocol: so no pool keyed by host, no checkout futures, no idle reaper task.
 //! A request takes the most recently used idle connection (its socket is the warmest, and a stack
@@ -35,10 +36,20 @@ const SETTLING: Duration = Duration::from_secs(1);
 /// Idle at least this long, a connection may be one the backend is closing as it is reused.
 const RISKY_IDLE: Duration = Duration::from_secs(1);
 
-/// Connections to one backend.
+/// TLS to the server, when it speaks HTTPS.
+pub struct Tls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Connections to one server.
 pub struct Pool {
     /// `host:port`, resolved at each new connection.
     address: String,
+    tls: Option<Tls>,
+    /// Whether a written request may be sent again on a new connection (see the module's text).
+    /// Off for WeChat, where a code sent twice is a code used.
+    replay_written: bool,
     connect_timeout: Duration,
     /// How long an idle connection is kept.
     idle_timeout: Duration,
@@ -52,21 +63,35 @@ struct Idle {
     since: Instant,
 }
 
-/// Why a request got no response from the backend.
+/// Why a request got no response from the server.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("cannot connect to the backend: {0}")]
+    #[error("cannot connect: {0}")]
     Connect(#[source] std::io::Error),
-    #[error("connecting to the backend timed out")]
+    #[error("connecting timed out")]
     ConnectTimeout,
-    #[error("the backend connection failed: {0}")]
+    #[error("the connection failed: {0}")]
     Http(#[source] hyper::Error),
 }
 
 impl Pool {
     pub fn new(address: String, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Pool> {
+        Pool::with(address, None, true, connect_timeout, idle_timeout)
+    }
+
+    /// A pool speaking TLS when `tls` is given, and resending written requests only if
+    /// `replay_written`.
+    pub fn with(
+        address: String,
+        tls: Option<Tls>,
+        replay_written: bool,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             address,
+            tls,
+            replay_written,
             connect_timeout,
             idle_timeout,
             risky_idle: RISKY_IDLE,
@@ -131,14 +156,33 @@ impl Pool {
             };
         // Proxied requests are small writes that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(SendError::Http)?;
+            tokio::spawn(async move {
+                // Upgrades (WebSocket) hand the socket over to the tunnel when the backend agrees.
+                if let Err(e) = connection.with_upgrades().await {
+                    tracing::debug!(error = %e, "backend connection closed with an error");
+                }
+            });
+            return Ok(sender);
+        };
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tls.connector.connect(tls.server_name.clone(), stream),
+        )
+        .await
+        .map_err(|_| SendError::ConnectTimeout)?
+        .map_err(SendError::Connect)?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
         tokio::spawn(async move {
-            // Upgrades (WebSocket) hand the socket over to the tunnel when the backend agrees.
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "backend connection closed with an error");
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "TLS connection closed with an error");
             }
         });
         Ok(sender)
@@ -153,7 +197,7 @@ impl Pool {
         loop {
             let (mut sender, fresh, replay) = match self.checkout() {
                 Some((sender, idle)) => {
-                    let replay = (idle >= self.risky_idle)
+                    let replay = (self.replay_written && idle >= self.risky_idle)
                         .then(|| replayable(&request))
                         .flatten();
                     (sender, false, replay)

@@ -4,13 +4,24 @@
 //! body is an infrastructure failure.
 //!
 //! Secrets travel in query strings (WeChat's design), so no error from this module ever carries a URL:
-//! transport errors are stripped of theirs before they are kept.
+//! none is ever put in one.
+//!
+//! The transport is wxgate's keep-alive pool ([`crate::proxy::pool`]) over TLS (rustls, with the
+//! Mozilla roots of webpki-roots, built at the first HTTPS connection) or plain HTTP (a mock). It
+//! sends origin-form requests it builds itself: a login's call to WeChat costs a few thousand
+//! instructions instead of a general client's URL parsing, redirect and retry layers, and a written
+//! request is never sent twice (a code sent twice is a code used).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::Uri;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri, header};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::proxy::pool::{Pool, Tls};
 
 use crate::config::{Secret, WechatConfig};
 use crate::session::MAX_ID_LEN;
@@ -112,8 +123,12 @@ pub enum WechatError {
 /// The WeChat API client; cheap to clone.
 #[derive(Clone)]
 pub struct WechatClient {
-    http: reqwest::Client,
+    pool: Arc<Pool>,
+    /// `Host` of every request.
+    host: HeaderValue,
+    /// The path `wechat.api_base` has, without its trailing slash.
     base: String,
+    timeout: Duration,
     /// Calls are counted by endpoint and errcode, and timed, when set.
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
@@ -121,21 +136,37 @@ pub struct WechatClient {
 impl WechatClient {
     pub fn new(config: &WechatConfig) -> Result<Self, WechatError> {
         install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("wxgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| {
-                WechatError::Unavailable(format!(
-                    "cannot build the HTTP client: {}",
-                    e.without_url()
-                ))
-            })?;
+        let unusable = |why: &str| WechatError::Unavailable(format!("wechat.api_base: {why}"));
+        let uri = &config.api_base;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(unusable("not an http or https URL")),
+        };
+        let host = uri.host().ok_or_else(|| unusable("names no host"))?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = match https {
+            true => Some(Tls {
+                connector: tls_connector(&config.extra_roots)?,
+                server_name: rustls::pki_types::ServerName::try_from(
+                    host.trim_matches(['[', ']']).to_owned(),
+                )
+                .map_err(|_| unusable("its host is not a TLS server name"))?,
+            }),
+            false => None,
+        };
+        let authority = uri.authority().map_or(host, |a| a.as_str());
         Ok(WechatClient {
-            http,
-            base: base_url(&config.api_base),
+            pool: Pool::with(
+                format!("{host}:{port}"),
+                tls,
+                false,
+                config.timeout.min(Duration::from_secs(5)),
+                Duration::from_secs(60),
+            ),
+            host: HeaderValue::from_str(authority).map_err(|_| unusable("bad host"))?,
+            base: uri.path().trim_end_matches('/').to_owned(),
+            timeout: config.timeout,
             metrics: None,
         })
     }
@@ -355,39 +386,104 @@ impl WechatClient {
     }
 
     async fn send_post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
-        let response = self
-            .http
-            .post(url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string())
-            .send()
+        self.send(Method::POST, url.to_owned(), Some(body.to_string()))
             .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(transport_error)?;
-        parse_reply(status.as_u16(), &bytes)
     }
 
     /// Sends a GET and returns the JSON body of a successful (errcode absent or 0) reply.
     async fn send_get(&self, url: &str, query: &[(&str, &str)]) -> Result<Value, WechatError> {
-        let mut target = String::with_capacity(url.len() + 128);
-        target.push_str(url);
-        target.push('?');
-        target.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(query)
-                .finish(),
-        );
-        let response = self
-            .http
-            .get(&target)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(transport_error)?;
-        parse_reply(status.as_u16(), &bytes)
+        let target = {
+            let mut target = String::with_capacity(url.len() + 160);
+            target.push_str(url);
+            target.push('?');
+            let mut pairs = form_urlencoded::Serializer::new(target);
+            pairs.extend_pairs(query);
+            pairs.finish()
+        };
+        self.send(Method::GET, target, None).await
     }
+
+    /// One request to `target` (origin form), answered within `wechat.timeout`.
+    async fn send(
+        &self,
+        method: Method,
+        target: String,
+        body: Option<String>,
+    ) -> Result<Value, WechatError> {
+        let mut request = Request::builder()
+            .method(method)
+            .header(header::HOST, self.host.clone())
+            .header(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("wxgate/", env!("CARGO_PKG_VERSION"))),
+            );
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let body = match body {
+            Some(text) => crate::body::boxed(http_body_util::Full::new(Bytes::from(text))),
+            None => crate::body::empty(),
+        };
+        // The target holds secrets: an error must not echo it, so it is not parsed for one.
+        let request = request
+            .uri(Uri::try_from(target).map_err(|_| {
+                WechatError::Unavailable("a request target could not be built".into())
+            })?)
+            .body(body)
+            .map_err(|_| WechatError::Unavailable("a request could not be built".into()))?;
+        let exchange = async {
+            let response = self
+                .pool
+                .send(request)
+                .await
+                .map_err(|e| WechatError::Unavailable(format!("request failed: {e}")))?;
+            let status = response.status().as_u16();
+            let bytes = read_reply(response.into_body()).await?;
+            parse_reply(status, &bytes)
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| WechatError::Timeout)?
+    }
+}
+
+/// The most a WeChat reply may hold; they are a few hundred bytes.
+const MAX_REPLY: usize = 1024 * 1024;
+
+async fn read_reply(
+    mut body: crate::proxy::pool::PooledBody,
+) -> Result<Vec<u8>, WechatError> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| WechatError::Unavailable(format!("reply body broken: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_REPLY {
+                return Err(WechatError::Unavailable("reply too large".into()));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
+}
+
+/// TLS for WeChat's API: the Mozilla roots (and `wechat.ca_file`'s), TLS 1.2 and 1.3, HTTP/1.1.
+fn tls_connector(
+    extra: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<tokio_rustls::TlsConnector, WechatError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in extra {
+        roots.add(cert.clone()).map_err(|e| {
+            WechatError::Unavailable(format!("wechat.ca_file: a certificate is unusable: {e}"))
+        })?;
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// Interprets a WeChat reply: a non-200 status or a body that is not a JSON object is an infrastructure
@@ -423,21 +519,6 @@ fn errcode(value: &Value) -> Result<i64, ()> {
     }
 }
 
-/// A transport error without its URL (which holds the secret and the code).
-fn transport_error(e: reqwest::Error) -> WechatError {
-    if e.is_timeout() {
-        return WechatError::Timeout;
-    }
-    let kind = if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "reply body broken"
-    } else {
-        "request failed"
-    };
-    WechatError::Unavailable(format!("{kind}: {}", e.without_url()))
-}
-
 /// Whether WeChat's openid or unionid can be one: 1 to [`MAX_ID_LEN`] visible ASCII characters.
 /// (They are 28 characters of `[A-Za-z0-9_-]`; the check is looser so that a format change at WeChat
 /// does not lock users out, but strict enough that what is stored can always be sent as a header.)
@@ -453,10 +534,6 @@ pub fn decode_session_key(key: &str) -> Option<[u8; 16]> {
         Ok(16) if key.len() == 24 => bytes[..16].try_into().ok(),
         _ => None,
     }
-}
-
-fn base_url(uri: &Uri) -> String {
-    uri.to_string().trim_end_matches('/').to_owned()
 }
 
 /// rustls needs a process-wide crypto provider; wxgate uses ring (no C toolchain beyond cc needed).

@@ -320,3 +320,58 @@ async fn the_binary_reloads_its_certificate_on_sighup_and_answers_healthcheck() 
     );
     assert_eq!(healthcheck(), Some(1), "stopped");
 }
+
+/// A TLS front for the mock WeChat (which speaks plain HTTP): what `wechat.api_base = "https://…"`
+/// reaches. It forwards to the address set in `target` once the gate (and its mock) are up.
+async fn tls_front(dir: &Path) -> (u16, Arc<std::sync::OnceLock<std::net::SocketAddr>>) {
+    let (acceptor, _) =
+        wxgate::tls::acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+    let listener = bind().await;
+    let port = listener.local_addr().unwrap().port();
+    let target = Arc::new(std::sync::OnceLock::<std::net::SocketAddr>::new());
+    let to = target.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, to) = (acceptor.clone(), to.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut plain = TcpStream::connect(*to.get().unwrap()).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, target)
+}
+
+#[tokio::test]
+async fn wechat_is_called_over_tls_trusting_the_configured_ca_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certificate(dir.path());
+    let (port, target) = tls_front(dir.path()).await;
+    let https = format!("api_base = \"https://localhost:{port}\"");
+    let trusting = LOGIN.replace(
+        "api_base = \"WECHAT\"",
+        &format!("{https}\nca_file = \"{}/cert.pem\"", dir.path().display()),
+    );
+    let gate = Gate::with_config(&trusting).real_auth().start().await;
+    let mock: std::net::SocketAddr = gate.wechat.url().trim_start_matches("http://").parse().unwrap();
+    target.set(mock).unwrap();
+    let login = gate.logged_in("tina").await;
+    assert!(login["access_token"].is_string());
+    assert_eq!(gate.wechat.calls(wxgate::wechat::mock::JSCODE2SESSION), 1);
+
+    // Without the CA, the mock's certificate is nobody's: no login, and nothing reaches it.
+    let untrusting = LOGIN.replace("api_base = \"WECHAT\"", &https);
+    let other = Gate::with_config(&untrusting)
+        .real_auth()
+        .start()
+        .await;
+    let refused = other.login_as("tina").await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.error().as_str()),
+        (502, "wechat_unavailable")
+    );
+    assert_eq!(other.wechat.calls(wxgate::wechat::mock::JSCODE2SESSION), 0);
+}
