@@ -2,6 +2,7 @@
 //! stable `user_id`. The rules live here; the stores ([`sqlite`], [`postgres`]) only keep links and
 //! apply a rule atomically. Nothing here knows about sessions or tokens.
 
+mod cache;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
@@ -122,11 +123,14 @@ pub struct Identities {
     mode: UserIdMode,
     /// Present in `internal` mode only: the other modes need no mapping.
     store: Option<Arc<dyn IdentityStore>>,
+    /// Returning users' links, when this process is the store's only writer (SQLite).
+    cache: Option<Arc<cache::LinkCache>>,
 }
 
 impl Identities {
     /// Opens (and, for SQLite, creates and migrates) the configured store.
     pub async fn open(config: &IdentityConfig) -> Result<Identities, StoreError> {
+        let single_writer = matches!(config.store, IdentityStoreConfig::Sqlite { .. });
         let store: Option<Arc<dyn IdentityStore>> = match (config.user_id, &config.store) {
             (UserIdMode::Internal, IdentityStoreConfig::Sqlite { path }) => {
                 Some(Arc::new(sqlite::SqliteStore::open(path).await?))
@@ -136,17 +140,21 @@ impl Identities {
             }
             (UserIdMode::UnionId | UserIdMode::OpenId, _) => None,
         };
+        let cache = (single_writer && store.is_some()).then(|| Arc::new(cache::LinkCache::new()));
         Ok(Identities {
             mode: config.user_id,
             store,
+            cache,
         })
     }
 
-    /// Identities over an already opened store, in `internal` mode.
-    pub fn with_store(store: Arc<dyn IdentityStore>) -> Identities {
+    /// Identities over an already opened store, in `internal` mode. `sole_writer`: no other process
+    /// changes the store, so returning users' links may be kept in memory.
+    pub fn with_store(store: Arc<dyn IdentityStore>, sole_writer: bool) -> Identities {
         Identities {
             mode: UserIdMode::Internal,
             store: Some(store),
+            cache: sole_writer.then(|| Arc::new(cache::LinkCache::new())),
         }
     }
 
@@ -158,7 +166,22 @@ impl Identities {
             phone: None,
         };
         match (self.mode, &self.store) {
-            (UserIdMode::Internal, Some(store)) => Ok(store.resolve(ids).await?),
+            (UserIdMode::Internal, Some(store)) => {
+                let Some(cache) = &self.cache else {
+                    return Ok(store.resolve(ids).await?);
+                };
+                if let Some(known) = cache.get(ids) {
+                    return Ok(known);
+                }
+                let epoch = cache.epoch();
+                let resolved = store.resolve(ids).await?;
+                if !resolved.merged.is_empty() {
+                    // The merged users' openids now belong to the survivor.
+                    self.forget_user(store, cache, &resolved.user_id).await;
+                }
+                cache.fill(ids, &resolved, epoch);
+                Ok(resolved)
+            }
             (UserIdMode::Internal, None) => Err(StoreError("no identity store".into()).into()),
             (UserIdMode::UnionId, _) => ids.unionid.map(direct).ok_or(IdentityError::NoUnionid),
             (UserIdMode::OpenId, _) => Ok(direct(ids.openid)),
@@ -175,9 +198,32 @@ impl Identities {
 
     /// Records a verified phone number; a no-op in the modes that keep no store.
     pub async fn set_phone(&self, user_id: &str, phone: &Phone) -> Result<(), StoreError> {
-        match &self.store {
-            Some(store) => store.set_phone(user_id, phone).await,
-            None => Ok(()),
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let set = store.set_phone(user_id, phone).await;
+        if let Some(cache) = &self.cache {
+            // Even when the write failed: it may have happened.
+            self.forget_user(store, cache, user_id).await;
+        }
+        set
+    }
+
+    /// Drops the cached links of every openid of `user_id`.
+    async fn forget_user(
+        &self,
+        store: &Arc<dyn IdentityStore>,
+        cache: &cache::LinkCache,
+        user_id: &str,
+    ) {
+        match store.user(UserKey::UserId(user_id)).await {
+            Ok(Some(record)) => cache.drop_links(
+                record
+                    .openids
+                    .iter()
+                    .map(|link| (link.appid.as_str(), link.openid.as_str())),
+            ),
+            Ok(None) | Err(_) => cache.drop_all(),
         }
     }
 

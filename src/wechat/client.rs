@@ -450,9 +450,7 @@ impl WechatClient {
 /// The most a WeChat reply may hold; they are a few hundred bytes.
 const MAX_REPLY: usize = 1024 * 1024;
 
-async fn read_reply(
-    mut body: crate::proxy::pool::PooledBody,
-) -> Result<Vec<u8>, WechatError> {
+async fn read_reply(mut body: crate::proxy::pool::PooledBody) -> Result<Vec<u8>, WechatError> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame =

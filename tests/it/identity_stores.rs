@@ -185,3 +185,105 @@ async fn a_phone_number_is_kept_and_returned_at_login() {
     })
     .await;
 }
+
+/// One step of a random login history: person `person` logs in to app `app`, with or without the
+/// unionid WeChat gives once the app is bound; or the last user verifies a phone number.
+#[derive(Clone, Debug)]
+enum Step {
+    Login {
+        app: u8,
+        person: u8,
+        with_unionid: bool,
+    },
+    Phone(u16),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0u8..3, 0u8..4, any::<bool>()).prop_map(|(app, person, with_unionid)| Step::Login {
+            app,
+            person,
+            with_unionid
+        }),
+        1 => any::<u16>().prop_map(Step::Phone),
+    ]
+}
+
+/// The in-memory cache of returning users' links (kept in front of SQLite) must never answer
+/// differently from the store itself: the same random history of logins, link learning, merges
+/// and phone numbers goes to a cached and an uncached store, and every answer must be the same up
+/// to the naming of users.
+#[test]
+fn the_link_cache_answers_exactly_as_the_store() {
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use wxgate::identity::{Identities, Phone};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(steps in proptest::collection::vec(step(), 1..40))| {
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let cached = SqliteStore::open(&dir.path().join("cached.db")).await.unwrap();
+            let plain = SqliteStore::open(&dir.path().join("plain.db")).await.unwrap();
+            let cached = Identities::with_store(Arc::new(cached), true);
+            let plain = Identities::with_store(Arc::new(plain), false);
+            // cached user_id -> plain user_id, and back: the two stores name users differently.
+            let mut names: HashMap<String, String> = HashMap::new();
+            let mut back: HashMap<String, String> = HashMap::new();
+            let mut last: Option<(String, String)> = None;
+            for step in &steps {
+                match *step {
+                    Step::Login { app, person, with_unionid } => {
+                        let appid = format!("wxapp{app}");
+                        let openid = format!("o-{app}-{person}");
+                        let unionid = format!("u-{person}");
+                        let unionid = with_unionid.then_some(unionid.as_str());
+                        let login = ids(&appid, &openid, unionid);
+                        let a = cached.resolve(login).await.unwrap();
+                        let b = plain.resolve(login).await.unwrap();
+                        prop_assert_eq!(a.created, b.created, "{:?}", step);
+                        prop_assert_eq!(a.merged.len(), b.merged.len(), "{:?}", step);
+                        prop_assert_eq!(&a.phone, &b.phone, "{:?}", step);
+                        let known = names.get(&a.user_id).cloned();
+                        match known {
+                            Some(named) => prop_assert_eq!(&named, &b.user_id, "{:?}", step),
+                            None => {
+                                prop_assert!(!back.contains_key(&b.user_id), "{:?}", step);
+                                names.insert(a.user_id.clone(), b.user_id.clone());
+                                back.insert(b.user_id.clone(), a.user_id.clone());
+                            }
+                        }
+                        for (gone_a, gone_b) in a.merged.iter().zip(&b.merged) {
+                            // Merged in either order: each cached name maps onto one of plain's.
+                            let mapped = names.get(gone_a).cloned();
+                            prop_assert!(
+                                mapped.is_none_or(|m| b.merged.contains(&m)),
+                                "{:?}: {} merged", step, gone_b
+                            );
+                        }
+                        last = Some((a.user_id, b.user_id));
+                    }
+                    Step::Phone(number) => {
+                        let Some((a, b)) = &last else { continue };
+                        let phone = Phone {
+                            phone_number: format!("1358000{number:04}"),
+                            country_code: "86".into(),
+                            verified_at: 1_700_000_000,
+                        };
+                        cached.set_phone(a, &phone).await.unwrap();
+                        plain.set_phone(b, &phone).await.unwrap();
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    });
+}

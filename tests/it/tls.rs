@@ -324,8 +324,7 @@ async fn the_binary_reloads_its_certificate_on_sighup_and_answers_healthcheck() 
 /// A TLS front for the mock WeChat (which speaks plain HTTP): what `wechat.api_base = "https://…"`
 /// reaches. It forwards to the address set in `target` once the gate (and its mock) are up.
 async fn tls_front(dir: &Path) -> (u16, Arc<std::sync::OnceLock<std::net::SocketAddr>>) {
-    let (acceptor, _) =
-        wxgate::tls::acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+    let (acceptor, _) = wxgate::tls::acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
     let listener = bind().await;
     let port = listener.local_addr().unwrap().port();
     let target = Arc::new(std::sync::OnceLock::<std::net::SocketAddr>::new());
@@ -356,7 +355,12 @@ async fn wechat_is_called_over_tls_trusting_the_configured_ca_and_no_other() {
         &format!("{https}\nca_file = \"{}/cert.pem\"", dir.path().display()),
     );
     let gate = Gate::with_config(&trusting).real_auth().start().await;
-    let mock: std::net::SocketAddr = gate.wechat.url().trim_start_matches("http://").parse().unwrap();
+    let mock: std::net::SocketAddr = gate
+        .wechat
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
     target.set(mock).unwrap();
     let login = gate.logged_in("tina").await;
     assert!(login["access_token"].is_string());
@@ -364,10 +368,7 @@ async fn wechat_is_called_over_tls_trusting_the_configured_ca_and_no_other() {
 
     // Without the CA, the mock's certificate is nobody's: no login, and nothing reaches it.
     let untrusting = LOGIN.replace("api_base = \"WECHAT\"", &https);
-    let other = Gate::with_config(&untrusting)
-        .real_auth()
-        .start()
-        .await;
+    let other = Gate::with_config(&untrusting).real_auth().start().await;
     let refused = other.login_as("tina").await;
     assert_eq!(
         (refused.status.as_u16(), refused.error().as_str()),
