@@ -40,7 +40,7 @@ where
 }
 
 /// A JSON response with the given status.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = Response::new(full(bytes));
     *response.status_mut() = status;

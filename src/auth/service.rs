@@ -371,19 +371,30 @@ impl AuthService {
         profile: Option<serde_json::Value>,
         now: u64,
     ) -> Response<Body> {
-        let access_token = self.tokens.mint_access(session.sid, session.user_id(), now);
-        let mut pair = json!({
-            "access_token": access_token,
-            "token_type": "Bearer",
-            "expires_in": self.tokens.access_ttl(),
-            "refresh_token": refresh_token,
-            "refresh_expires_in": session.expires_at().saturating_sub(now),
-            "user_id": session.user_id(),
-            "unionid_known": session.unionid().is_some(),
-        });
-        if let Some(profile) = profile {
-            pair["profile"] = profile;
+        /// The login answer, serialised straight from borrowed fields.
+        #[derive(serde::Serialize)]
+        struct Pair<'a> {
+            access_token: &'a str,
+            token_type: &'static str,
+            expires_in: u64,
+            refresh_token: &'a str,
+            refresh_expires_in: u64,
+            user_id: &'a str,
+            unionid_known: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            profile: Option<serde_json::Value>,
         }
+        let access_token = self.tokens.mint_access(session.sid, session.user_id(), now);
+        let pair = Pair {
+            access_token: &access_token,
+            token_type: "Bearer",
+            expires_in: self.tokens.access_ttl(),
+            refresh_token: &refresh_token,
+            refresh_expires_in: session.expires_at().saturating_sub(now),
+            user_id: session.user_id(),
+            unionid_known: session.unionid().is_some(),
+            profile,
+        };
         no_store(body::json(StatusCode::OK, &pair))
     }
 

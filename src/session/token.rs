@@ -70,9 +70,13 @@ impl std::fmt::Debug for SessionId {
 /// SHA-256 of a refresh token's random part: what the session store keeps.
 pub type RefreshHash = [u8; 32];
 
+/// Unpredictable bytes for session ids and refresh tokens: rand's thread-local ChaCha12 generator,
+/// seeded from (and periodically reseeded by) the operating system. It is a CSPRNG, and answers
+/// without the two `getrandom` system calls a login would otherwise make.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use rand::Rng;
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).expect("the operating system provides randomness");
+    rand::rng().fill_bytes(&mut bytes);
     bytes
 }
 
