@@ -5,7 +5,7 @@
 #   bash bench/compare.sh OLD_BINARY NEW_BINARY           # 5 rounds of 10 s
 #   ROUNDS=1 DURATION=2s bash bench/compare.sh A B        # smoke run
 #
-# Both run with `workers = 1` and the same routes as bench/baseline.sh. Prints each round and the
+# Both run with `workers = 1` and the same routes as bench/versus.py uses. Prints each round and the
 # median per scenario.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
 //! What wxgate spends per authenticated request, piece by piece: access-token verification, the
-//! session lookup, header hygiene on a realistic request, and minting a token at login.
+//! session lookup, header hygiene on a realistic request, minting a token at login, and decrypting
+//! user info (open data) at `/auth/userinfo`.
 //!
 //!     cargo bench --bench request_path
 
@@ -14,6 +15,7 @@ use wxgate::proxy::headers::{ClientInfo, HeaderRules};
 use wxgate::session::memory::MemoryStore;
 use wxgate::session::token::{SessionId, Tokens, new_refresh_token};
 use wxgate::session::{Session, SessionApp, SessionIds, SessionStore};
+use wxgate::wechat::crypto::{check_watermark, decrypt_json};
 
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
@@ -148,5 +150,25 @@ fn headers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, sessions, headers);
+/// WeChat's own open-data test vector (wechat-protocol.md): base64, AES-128-CBC, PKCS#7 and the
+/// JSON parse, then the watermark check, as `/auth/userinfo` does.
+fn user_info(c: &mut Criterion) {
+    const SESSION_KEY: &str = "tiihtNczf5v6AKRyjwEUhQ==";
+    const IV: &str = "r7BXXKkLb8qrSNn05n0qiA==";
+    const ENCRYPTED: &str = "CiyLU1Aw2KjvrjMdj8YKliAjtP4gsMZMQmRzooG2xrDcvSnxIMXFufNstNGTyaGS9uT5geRa0W4oTOb1WT7fJlAC+oNPdbB+3hVbJSRgv+4lGOETKUQz6OYStslQ142dNCuabNPGBzlooOmB231qMM85d2/fV6ChevvXvQP8Hkue1poOFtnEtpyxVLW1zAo6/1Xx1COxFvrc2d7UL/lmHInNlxuacJXwu0fjpXfz/YqYzBIBzD6WUfTIF9GRHpOn/Hz7saL8xz+W//FRAUid1OksQaQx4CMs8LOddcQhULW4ucetDf96JcR3g0gfRK4PC7E/r7Z6xNrXd2UIeorGj5Ef7b1pJAYB6Y5anaHqZ9J6nKEBvB4DnNLIVWSgARns/8wR2SiRS7MNACwTyrGvt9ts8p12PKFdlqYTopNHR1Vf7XjfhQlVsAJdNiKdYmYVoKlaRv85IfVunYzO0IKXsyl7JCUjCpoG20f0a04COwfneQAGGwd5oa+T8yO5hzuyDb/XcxxmK01EpqOyuxINew==";
+    let decrypted = decrypt_json(SESSION_KEY, IV, ENCRYPTED).unwrap();
+    assert_eq!(decrypted["openId"], "oGZUI0egBJY1zhBYw2KhdUfwVJJE");
+    c.bench_function("user info: decrypt and parse (official vector)", |b| {
+        b.iter(|| {
+            let value =
+                decrypt_json(black_box(SESSION_KEY), black_box(IV), black_box(ENCRYPTED)).unwrap();
+            // "Now" is a minute after the vector was made.
+            let fresh = check_watermark(&value, "wx4f4bc4dec97d474b", 1_477_314_247, 300);
+            assert!(fresh.is_ok());
+            black_box(value)
+        })
+    });
+}
+
+criterion_group!(benches, tokens, sessions, headers, user_info);
 criterion_main!(benches);
