@@ -9,23 +9,32 @@ local people = {}
 local stem
 local counter = 0
 
-local function random_chars(n)
-  local chars = {}
-  for i = 1, n do
-    local k = math.random(1, #alphabet)
-    chars[i] = alphabet:sub(k, k)
-  end
-  return table.concat(chars)
+-- Randomness from the kernel: LuaJIT's generator, seeded from the clock, gave two wrk processes
+-- started in the same second the same codes, and a replayed code is not a login.
+local function urandom(n)
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local bytes = f:read(n)
+  f:close()
+  return bytes
 end
 
 function init(args)
-  math.randomseed(os.time() + math.floor(os.clock() * 1000000) + tonumber(tostring({}):sub(8), 16) % 100000)
+  local seed = 0
+  for _, byte in ipairs({ urandom(6):byte(1, 6) }) do
+    seed = seed * 256 + byte
+  end
+  math.randomseed(seed)
   for i = 1, #alphabet do
     for j = 1, #alphabet do
       people[#people + 1] = alphabet:sub(i, i) .. alphabet:sub(j, j)
     end
   end
-  stem = random_chars(20)
+  local chars = {}
+  for i, byte in ipairs({ urandom(20):byte(1, 20) }) do
+    local k = byte % #alphabet + 1
+    chars[i] = alphabet:sub(k, k)
+  end
+  stem = table.concat(chars)
 end
 
 function request()

@@ -651,6 +651,8 @@ def run_matrix(workers, backend, wechat, wxgate_bin, services):
     scenarios = proxy_matrix(workers, backend, wechat, wxgate_bin, services)
     if ARGS.only:
         keep = set(ARGS.only.split(",")) | {"direct", "nginx"}
+        if "logins" in keep:
+            keep.add("wxgate-public")  # the pass-through rate logins are compared with
         scenarios = [s for s in scenarios if s.name in keep]
     for r in range(ARGS.rounds):
         order = scenarios[r % len(scenarios):] + scenarios[:r % len(scenarios)]
@@ -750,7 +752,8 @@ def main():
     parser.add_argument("--warmup", default="2s", help="the discarded run before each measurement")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1 or 1,2")
-    parser.add_argument("--only", help="comma-separated scenarios (direct and nginx always run)")
+    parser.add_argument("--only", help="comma-separated scenarios (direct and nginx always run); "
+                        "`logins` for the login benchmark (with wxgate-public, its reference)")
     parser.add_argument("--no-logins", action="store_true", help="skip the login benchmark")
     parser.add_argument("--wxgate", help="the binary (default: cargo build --release)")
     parser.add_argument("--smoke", action="store_true",
@@ -780,7 +783,7 @@ def main():
               f"{subprocess.run([wxgate_bin, '--version'], capture_output=True, text=True).stdout.strip()}")
         for workers in [int(w) for w in ARGS.workers.split(",")]:
             rows = run_matrix(workers, backend, wechat, wxgate_bin, services)
-            if not ARGS.no_logins and not ARGS.only:
+            if not ARGS.no_logins and (not ARGS.only or "logins" in ARGS.only.split(",")):
                 run_logins(workers, wxgate_bin, services, rows["wxgate-public"]["rps"])
         idle_rss(wxgate_bin, backend, wechat)
     finally:
