@@ -46,6 +46,8 @@ use crate::body::{self, Body};
 
 /// How long a `wx.login()` code lives.
 pub const CODE_TTL: Duration = Duration::from_secs(5 * 60);
+/// The fewest codes the mock keeps before it looks for expired ones to forget.
+const PRUNE_CODES_FROM: usize = 4096;
 /// WeChat's login rate limit per user.
 pub const LOGINS_PER_USER_PER_MINUTE: usize = 100;
 
@@ -154,6 +156,8 @@ struct IssuedCode {
     used: bool,
     /// The exchange leaves unionid out even for a bound app, as it did for users of older accounts.
     hide_unionid: bool,
+    /// Made up by benchmark mode: not counted against the user's per-minute quota.
+    unlimited: bool,
     /// `wx.login()` is what rotates the session_key: the client's data is encrypted with this key
     /// from the moment the code exists, and exchanging the code reveals it to the server.
     session_key: String,
@@ -195,6 +199,8 @@ struct State {
     skew: Duration,
     /// Accept codes nobody minted (benchmarks post random codes); see [`MockWechat::accept_any_code`].
     any_code: bool,
+    /// `codes` is pruned of expired ones when it reaches this size.
+    prune_codes_at: usize,
     oauth_codes: HashMap<String, OauthCode>,
     user_tokens: HashMap<String, UserToken>,
     /// The WeChat user a browser without a `wx_user` cookie is signed in as.
@@ -226,9 +232,18 @@ impl State {
                 issued_at,
                 used: false,
                 hide_unionid: false,
+                unlimited: false,
                 session_key,
             },
         );
+        // Expired codes answer 40029 whether they are kept or not: past a size, forget them, so a
+        // mock serving a benchmark or a long demo does not grow without bound.
+        if self.codes.len() >= self.prune_codes_at {
+            let now = self.now();
+            self.codes
+                .retain(|_, c| now.duration_since(c.issued_at) <= CODE_TTL);
+            self.prune_codes_at = (self.codes.len() * 2).max(PRUNE_CODES_FROM);
+        }
     }
 
     /// Plays an OAuth consent of `user` in `appid`: a fresh code of that kind.
@@ -554,7 +569,9 @@ impl MockWechat {
     }
 
     /// Benchmark mode: codes nobody minted are accepted as fresh `wx.login()` codes, so a load
-    /// generator can post random codes. Single use, expiry and rate limits still apply.
+    /// generator can post random codes. Single use and expiry still apply; the per-user quota
+    /// (45011) does not for the users these codes name: a benchmark's few thousand people stand for
+    /// a real population of millions, none of whom logs in a hundred times a minute.
     pub fn accept_any_code(&self) {
         self.state().any_code = true;
     }
@@ -682,6 +699,9 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         // users, as in real traffic).
         let user = code[..2].to_owned();
         state.issue(code.clone(), appid, &user);
+        if let Some(issued) = state.codes.get_mut(code.as_str()) {
+            issued.unlimited = true;
+        }
     }
     let Some(issued) = state.codes.get_mut(code.as_str()) else {
         return errcode(40029, "invalid code");
@@ -693,6 +713,7 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         return errcode(40163, "code been used");
     }
     issued.used = true;
+    let unlimited = issued.unlimited;
     let user = issued.user.clone();
     let hide_unionid = issued.hide_unionid;
     let session_key = issued.session_key.clone();
@@ -701,7 +722,7 @@ fn jscode2session(query: &HashMap<String, String>, state: &mut State) -> Value {
         .entry((appid.clone(), user.clone()))
         .or_default();
     recent.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-    if recent.len() >= LOGINS_PER_USER_PER_MINUTE {
+    if recent.len() >= LOGINS_PER_USER_PER_MINUTE && !unlimited {
         return errcode(
             45011,
             "api minute-quota reach limit  mustslower  retry next minute",
@@ -1386,4 +1407,28 @@ pub fn run_cli(args: CliArgs) -> std::io::Result<()> {
         println!("mock WeChat listening on {}", mock.url());
         crate::server::until_signalled().await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_codes_are_forgotten_once_there_are_many_and_live_ones_kept() {
+        let mut state = State::default();
+        for i in 0..PRUNE_CODES_FROM {
+            state.issue(format!("old{i}"), "wx1", "ann");
+        }
+        state.skew += CODE_TTL + Duration::from_secs(1);
+        state.issue("fresh".into(), "wx1", "bob");
+        for i in 0..PRUNE_CODES_FROM {
+            state.issue(format!("new{i}"), "wx1", "ann");
+        }
+        assert!(state.codes.contains_key("fresh"));
+        assert!(
+            !state.codes.contains_key("old0"),
+            "expired codes are gone after the next prune"
+        );
+        assert!(state.codes.len() <= 2 * PRUNE_CODES_FROM + 1);
+    }
 }

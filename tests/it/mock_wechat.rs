@@ -161,6 +161,34 @@ async fn wrong_expired_foreign_and_incomplete_requests_get_their_errcodes() {
     );
 }
 
+/// Benchmark mode's made-up codes are single use and expire, but the few thousand people they name
+/// stand for millions: WeChat's per-user quota would cap a benchmark, so it is not applied to them.
+/// Codes minted the ordinary way still are.
+#[tokio::test]
+async fn benchmark_codes_are_single_use_but_not_held_to_the_per_user_quota() {
+    let wechat = mock().await;
+    wechat.accept_any_code();
+    for i in 0..150 {
+        let code = format!("zz{i:030}");
+        assert_eq!(
+            errcode(&exchange(&wechat, APP, SECRET, &code).await),
+            0,
+            "login {i}"
+        );
+        assert_eq!(
+            errcode(&exchange(&wechat, APP, SECRET, &code).await),
+            40163,
+            "a replay of {i}"
+        );
+    }
+    for _ in 0..100 {
+        let reply = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "sam")).await;
+        assert_eq!(errcode(&reply), 0);
+    }
+    let reply = exchange(&wechat, APP, SECRET, &wechat.login_code(APP, "sam")).await;
+    assert_eq!(errcode(&reply), 45011, "minted codes keep the quota");
+}
+
 #[tokio::test]
 async fn a_hundred_logins_a_minute_per_user_then_45011() {
     let wechat = mock().await;
