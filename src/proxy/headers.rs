@@ -27,8 +27,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Whether `name` (in any case) is a hop-by-hop header (RFC 9110 §7.6.1), or one of the non-standard
-/// ones that act as such. They describe one connection and must not be forwarded in either direction.
+/// The hop-by-hop headers (RFC 9110 §7.6.1) and the non-standard ones that act as such.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
@@ -41,6 +40,8 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
 ];
 
+/// Whether `name` (in any case) is a hop-by-hop header. They describe one connection and must not be
+/// forwarded in either direction.
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP
         .iter()
@@ -149,8 +150,8 @@ pub struct HeaderRules {
 /// Names this long or longer always take every rule.
 const SPECIAL_LENGTHS: usize = 48;
 
-/// A name's first byte as a bit: its letter (any case, and `_`/`.` as `-` would fold) or one shared
-/// bit for everything else.
+/// A name's first byte as a bit: its letter, in either case, or one bit shared by every other byte
+/// (`-`, `_` and `.`, which [`same_header`] folds into each other, all land on it).
 fn letter_bit(first: u8) -> u32 {
     match first.to_ascii_lowercase() {
         letter @ b'a'..=b'z' => 1 << (letter - b'a'),
