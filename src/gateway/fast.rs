@@ -821,30 +821,21 @@ impl Gateway {
                 return Err(unavailable(Box::new(e)));
             }
             // The rest of the body, as it comes from the client.
+            // What has arrived and was not copied into the head's write (a large body) goes first.
             let mut left = body_len - inline as u64;
-            if inline == 0 && body_len > 0 {
-                // A large body that had arrived: not copied into the head's write.
-                let arrived = (body_len as usize).min(conn.buf.len());
-                let part = conn.buf.split_to(arrived);
-                write_all(
-                    &mut upstream.stream,
-                    &part,
-                    &mut conn.timer,
-                    lane.idle_timeout,
-                )
-                .await
-                .map_err(|e| unavailable(Box::new(e)))?;
-                left -= arrived as u64;
-            }
             while left > 0 {
-                let deadline = Instant::now() + lane.idle_timeout;
-                match read_more(&mut conn.io, &mut conn.buf, &mut conn.timer, deadline).await {
-                    Ok(Read::Bytes) => {}
-                    Ok(Read::TimedOut) => return Err(Failed::ClientBody(Error::RequestTimeout)),
-                    Ok(Read::Eof) | Err(_) => {
-                        return Err(Failed::ClientBody(Error::BadRequest(
-                            "The request body ended before its Content-Length.",
-                        )));
+                if conn.buf.is_empty() {
+                    let deadline = Instant::now() + lane.idle_timeout;
+                    match read_more(&mut conn.io, &mut conn.buf, &mut conn.timer, deadline).await {
+                        Ok(Read::Bytes) => {}
+                        Ok(Read::TimedOut) => {
+                            return Err(Failed::ClientBody(Error::RequestTimeout));
+                        }
+                        Ok(Read::Eof) | Err(_) => {
+                            return Err(Failed::ClientBody(Error::BadRequest(
+                                "The request body ended before its Content-Length.",
+                            )));
+                        }
                     }
                 }
                 let take = (left as usize).min(conn.buf.len());

@@ -146,16 +146,7 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.address))
-                .await
-            {
-                Err(_) => return Err(SendError::ConnectTimeout),
-                Ok(Err(e)) => return Err(SendError::Connect(e)),
-                Ok(Ok(stream)) => stream,
-            };
-        // Proxied requests are small writes that must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(&self.address, self.connect_timeout).await?;
         let Some(tls) = &self.tls else {
             let (sender, connection) = http1::Builder::new()
                 .handshake(TokioIo::new(stream))
@@ -308,6 +299,18 @@ impl HttpBody for PooledBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A TCP connection to `address` within `timeout`, with Nagle off: proxied requests are small
+/// writes that must not wait. Shared by this pool and the fast lane's [`super::raw::RawPool`].
+pub(crate) async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Err(_) => return Err(SendError::ConnectTimeout),
+        Ok(Err(e)) => return Err(SendError::Connect(e)),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 #[cfg(test)]

@@ -89,16 +89,7 @@ impl RawPool {
 
     /// A new connection.
     pub async fn connect(&self) -> Result<RawConn, SendError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.address))
-                .await
-            {
-                Err(_) => return Err(SendError::ConnectTimeout),
-                Ok(Err(e)) => return Err(SendError::Connect(e)),
-                Ok(Ok(stream)) => stream,
-            };
-        // Proxied requests are small writes that must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
+        let stream = super::pool::connect_tcp(&self.address, self.connect_timeout).await?;
         Ok(RawConn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
