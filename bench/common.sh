@@ -33,8 +33,10 @@ CONF
   nginx -c "$2/nginx.conf"
 }
 
-# gate_config PORT ADMIN_PORT BACKEND_PORT WORKERS: the wxgate config every proxy scenario uses, on
-# stdout: /public/ is public, everything else required.
+# gate_config PORT ADMIN_PORT BACKEND_PORT WORKERS [WECHAT_PORT]: the wxgate config every proxy
+# scenario uses, on stdout: /public/ is public, everything else required. With WECHAT_PORT, one mini
+# program logs in through the WeChat there (start_mock), so the required route can be measured with a
+# real token; its identity store is a file in \$WORK.
 gate_config() {
   cat <<CONF
 [server]
@@ -50,4 +52,43 @@ auth = "public"
 prefix = "/"
 auth = "required"
 CONF
+  [ -n "${5:-}" ] || return 0
+  cat <<CONF
+[wechat]
+api_base = "http://127.0.0.1:$5"
+[[apps]]
+name = "shop"
+kind = "miniprogram"
+appid = "$BENCH_APPID"
+secret = "bench-secret"
+[identity]
+store = "sqlite://$WORK/identities-$1.db"
+[session]
+signing_key = "bench-signing-key-0123456789abcdef-0123456789"
+CONF
+}
+
+BENCH_APPID=wx0123456789abcdef
+
+# start_mock BINARY PORT: wxgate's mock WeChat accepting any code for the bench app, in the
+# background; its pid is MOCK_PID. Waits until it listens.
+start_mock() {
+  "$1" mock-wechat --listen "127.0.0.1:$2" --app "$BENCH_APPID:bench-secret" --any-code >/dev/null 2>&1 &
+  MOCK_PID=$!
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$2/" && return 0
+    sleep 0.1
+  done
+  echo "bench: the mock WeChat did not start" >&2
+  exit 1
+}
+
+# login PORT: logs one person in through wxgate at PORT with a fresh code (codes are single use);
+# prints the access token, or fails.
+login() {
+  local code body
+  code=bq$(tr -dc 'A-Za-z0-9' </dev/urandom | head -c 30)
+  body=$(curl -sf -X POST -H 'Content-Type: application/json' -d "{\"code\":\"$code\"}" \
+    "http://127.0.0.1:$1/auth/login") || { echo "bench: the login failed" >&2; return 1; }
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])' <<<"$body"
 }

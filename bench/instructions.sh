@@ -4,16 +4,29 @@
 # costs before reaching for wrk.
 #
 #   bash bench/instructions.sh BINARY [BINARY...]     # 2000 keep-alive requests to a public route
-#   REQUESTS=500 PATH_=/private bash bench/instructions.sh target/release/wxgate
+#   ROUTE=required bash bench/instructions.sh BINARY  # a required route with a valid token
+#   ROUTE=refused bash bench/instructions.sh BINARY   # a required route with a bad token (401)
+#   ROUTE=login bash bench/instructions.sh BINARY     # POST /auth/login, a fresh code each (mock WeChat)
+#   REQUESTS=500 KEEP=out.callgrind bash bench/instructions.sh BINARY  # keep the profile
 #
-# Each binary runs twice under callgrind, idle and with REQUESTS requests on one connection; the
-# difference divided by REQUESTS is the cost of one request (startup cancels out). It counts wxgate's
-# user-space instructions only: the kernel's share of a request (most of it, on loopback) is not seen.
+# Each binary runs under callgrind with instrumentation off while it starts and logs a person in
+# (for the token); it is switched on for REQUESTS requests on one keep-alive connection and off
+# again, so the count divided by REQUESTS is the cost of one request. Start-up work whose length
+# depends on the clock (clock calibration, say) never enters the count. It counts wxgate's
+# user-space instructions only: the kernel's share of a request (most of it, on loopback) is not
+# seen. Under valgrind SHA-256 runs without the CPU's SHA extensions, so HMAC verification weighs
+# several times what it does natively (see `cargo bench --bench request_path`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bench/instructions.sh BINARY [BINARY...]" >&2; exit 64; }
 REQUESTS=${REQUESTS:-2000}
-REQUEST_PATH=${PATH_:-/public/x}
+ROUTE=${ROUTE:-public}
+case "$ROUTE" in
+  public) REQUEST_PATH=/public/x ;;
+  required | refused) REQUEST_PATH=/secure/x ;;
+  login) REQUEST_PATH=/auth/login ;;
+  *) echo "bench: ROUTE is public, required, refused or login" >&2; exit 64 ;;
+esac
 
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -22,8 +35,10 @@ need nginx nginx-light
 need curl curl
 WORK=$(mktemp -d)
 VALGRIND_PID=
+MOCK_PID=
 cleanup() {
   [ -n "$VALGRIND_PID" ] && kill "$VALGRIND_PID" 2>/dev/null || true
+  [ -n "$MOCK_PID" ] && kill "$MOCK_PID" 2>/dev/null || true
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -32,33 +47,64 @@ trap cleanup EXIT
 BACKEND=$(free_port)
 PORT=$(free_port)
 ADMIN=$(free_port)
+WECHAT=$(free_port)
 start_backend "$BACKEND" "$WORK"
-gate_config "$PORT" "$ADMIN" "$BACKEND" 1 >"$WORK/gate.toml"
+start_mock "$1" "$WECHAT"
+gate_config "$PORT" "$ADMIN" "$BACKEND" 1 "$WECHAT" >"$WORK/gate.toml"
 printf '[log]\naccess = false\n' >>"$WORK/gate.toml"
-for _ in $(seq "$REQUESTS"); do
-  printf 'url = "http://127.0.0.1:%s%s"\noutput = "/dev/null"\n' "$PORT" "$REQUEST_PATH"
-done >"$WORK/urls"
 
-# instructions BINARY N: callgrind's total for a run that serves N requests.
+# instructions BINARY: callgrind's count for REQUESTS requests.
 instructions() {
   local out="$WORK/callgrind.out"
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$1" --config "$WORK/gate.toml" \
-    >/dev/null 2>&1 &
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
+    "$1" --config "$WORK/gate.toml" >/dev/null 2>&1 &
   VALGRIND_PID=$!
   for _ in $(seq 200); do
     curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/readyz" && break
     sleep 0.2
   done
-  [ "$2" -gt 0 ] && curl -s -K "$WORK/urls"
+  local token
+  token=$(login "$PORT") || exit 1
+  [ "$ROUTE" = refused ] && token="${token%?????}AAAAA"
+  if [ "$ROUTE" = login ]; then
+    # Each URL with its own body (`next` ends one URL's options): a fresh code per login, one of
+    # 3,844 people by its first two characters, as bench/login.lua makes them.
+    python3 - "$PORT" "$REQUESTS" >"$WORK/urls" <<'PY'
+import random, string, sys
+port, n = sys.argv[1], int(sys.argv[2])
+alphabet = string.ascii_letters + string.digits
+stem = "".join(random.choice(alphabet) for _ in range(20))
+for i in range(n):
+    code = random.choice(alphabet) + random.choice(alphabet) + stem + f"{i:010d}"
+    print(f'url = "http://127.0.0.1:{port}/auth/login"')
+    print('header = "Content-Type: application/json"')
+    print(f'data = "{{\\"code\\":\\"{code}\\"}}"')
+    print('output = "/dev/null"')
+    if i + 1 < n:
+        print("next")
+PY
+  else
+    { # A header in curl's config applies to every URL in it.
+      printf 'header = "Authorization: Bearer %s"\n' "$token"
+      for _ in $(seq "$REQUESTS"); do
+        printf 'url = "http://127.0.0.1:%s%s"\noutput = "/dev/null"\n' "$PORT" "$REQUEST_PATH"
+      done
+    } >"$WORK/urls"
+  fi
+  # One request first, outside the count: the connection to the backend is made on it.
+  [ "$ROUTE" = login ] || curl -s -o /dev/null -H "Authorization: Bearer $token" "http://127.0.0.1:$PORT$REQUEST_PATH"
+  callgrind_control -i on "$VALGRIND_PID" >/dev/null 2>&1
+  curl -s -K "$WORK/urls"
+  callgrind_control -i off "$VALGRIND_PID" >/dev/null 2>&1
   kill -INT "$VALGRIND_PID"
   wait "$VALGRIND_PID" || true
   VALGRIND_PID=
+  [ -n "${KEEP:-}" ] && cp "$out" "$KEEP"
   awk '/^totals:/ { print $2 }' "$out"
 }
 
-printf '%-40s %14s\n' binary "instr/request"
+printf '%-40s %14s\n' binary "instr/request ($ROUTE)"
 for binary in "$@"; do
-  idle=$(instructions "$binary" 0)
-  busy=$(instructions "$binary" "$REQUESTS")
-  printf '%-40s %14d\n' "$binary" $(((busy - idle) / REQUESTS))
+  total=$(instructions "$binary")
+  printf '%-40s %14d\n' "$binary" $((total / REQUESTS))
 done
