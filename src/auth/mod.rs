@@ -64,6 +64,11 @@ impl Identity {
     pub fn phone(&self) -> Option<&str> {
         self.0.phone()
     }
+
+    /// user_id, openid, unionid and phone as bytes, an absent one empty.
+    pub fn id_bytes(&self) -> [&[u8]; 4] {
+        self.0.id_bytes()
+    }
 }
 
 impl std::fmt::Debug for Identity {

@@ -40,13 +40,15 @@ use crate::auth::service::Via;
 use crate::body::{self, Body, BoxError};
 use crate::config::Config;
 use crate::error::Error;
-use crate::proxy::headers::{self, ClientInfo, Survey};
+use crate::proxy::headers::{self, ClientInfo, HeadLines, Span, Survey};
 use crate::proxy::raw::{self, Chunks, Framing, RawConn, RawPool, ResponseHead};
 use crate::routes;
 
 /// The most headers a request in the fast lane has; one with more goes to hyper, which applies
 /// `limits.max_headers`.
 const MAX_HEADERS: usize = 64;
+// A header's roles are kept as bit `i` of a u64 (see `Roles`).
+const _: () = assert!(MAX_HEADERS <= 64);
 /// A request body up to this size is copied into the same write as its head.
 const INLINE_BODY: usize = 16 * 1024;
 /// How much is read or written at a time while a body streams.
@@ -154,23 +156,82 @@ where
     handover.watcher.watch(connection).await
 }
 
-/// Where a part of a head is in its bytes.
-type At = (u32, u32);
-
 /// A parsed request head: the bytes, and where each part is in them.
 struct Parsed {
     head: Bytes,
     method: Method,
-    target: At,
+    target: Span,
     /// Each header's name and value.
-    headers: smallvec::SmallVec<[(At, At); 24]>,
+    headers: smallvec::SmallVec<[(Span, Span); 24]>,
     body_len: u64,
     /// `Connection: close`.
     close: bool,
+    /// The headers the lane reads, found while parsing.
+    roles: Roles,
+}
+
+/// Which of a request's headers have a part in deciding it: bit `i` of a mask is header `i` (the
+/// lane takes at most 64 headers), so reading them later costs no search by name.
+#[derive(Default)]
+struct Roles {
+    authorization: u64,
+    cookie: u64,
+    connection: u64,
+    accept: u64,
+    /// The first `X-Request-Id`.
+    request_id: Option<u8>,
+    /// The first `Origin`.
+    origin: Option<u8>,
+}
+
+/// The headers whose name the lane looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Other,
+    TransferEncoding,
+    Expect,
+    Upgrade,
+    ContentLength,
+    Connection,
+    Authorization,
+    Cookie,
+    Accept,
+    RequestId,
+    Origin,
+}
+
+impl Role {
+    fn of(name: &[u8]) -> Role {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            6 if is(b"cookie") => Role::Cookie,
+            6 if is(b"accept") => Role::Accept,
+            6 if is(b"origin") => Role::Origin,
+            6 if is(b"expect") => Role::Expect,
+            7 if is(b"upgrade") => Role::Upgrade,
+            10 if is(b"connection") => Role::Connection,
+            12 if is(b"x-request-id") => Role::RequestId,
+            13 if is(b"authorization") => Role::Authorization,
+            14 if is(b"content-length") => Role::ContentLength,
+            17 if is(b"transfer-encoding") => Role::TransferEncoding,
+            _ => Role::Other,
+        }
+    }
+}
+
+/// The positions of the bits set in `mask`, lowest first.
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            i
+        })
+    })
 }
 
 impl Parsed {
-    fn text(&self, (start, end): At) -> &[u8] {
+    fn text(&self, (start, end): Span) -> &[u8] {
         &self.head[start as usize..end as usize]
     }
 
@@ -179,22 +240,28 @@ impl Parsed {
         std::str::from_utf8(self.text(self.target)).unwrap_or("/")
     }
 
-    /// Every header as (name, value).
-    fn pairs(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.headers.iter().map(|&(name, value)| {
-            // httparse admits only token characters in a name.
-            (
-                std::str::from_utf8(self.text(name)).unwrap_or(""),
-                self.text(value),
-            )
-        })
+    fn lines(&self) -> HeadLines<'_> {
+        HeadLines {
+            text: &self.head,
+            spans: &self.headers,
+        }
     }
 
-    /// The first value of header `name`.
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.pairs()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+    /// The values of the headers in `mask`.
+    fn values(&self, mask: u64) -> impl Iterator<Item = &[u8]> + '_ {
+        bits(mask).map(|i| self.lines().get(i).1)
+    }
+
+    fn request_id(&self) -> Option<&[u8]> {
+        self.roles.request_id.map(|i| self.lines().get(i.into()).1)
+    }
+
+    fn origin(&self) -> Option<&[u8]> {
+        self.roles.origin.map(|i| self.lines().get(i.into()).1)
+    }
+
+    fn accepts_html(&self) -> bool {
+        self.values(self.roles.accept).any(wants_html)
     }
 
     /// The bearer token, else wxgate's session cookie.
@@ -203,23 +270,23 @@ impl Parsed {
             std::str::from_utf8(v).ok()
         }
         let bearer = self
-            .pairs()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
-            .find_map(|(_, v)| text(v).and_then(crate::auth::bearer_in));
+            .values(self.roles.authorization)
+            .find_map(|v| text(v).and_then(crate::auth::bearer_in));
         if let Some(token) = bearer {
             return Some((token, Via::Bearer));
         }
-        self.pairs()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-            .find_map(|(_, v)| {
-                text(v).and_then(|v| crate::auth::oauth::cookie_in(v, SESSION_COOKIE))
-            })
+        self.values(self.roles.cookie)
+            .find_map(|v| text(v).and_then(|v| crate::auth::oauth::cookie_in(v, SESSION_COOKIE)))
             .map(|token| (token, Via::Cookie))
     }
 
+    /// The survey of the header rules: only `Connection`, `Authorization` and `Cookie` headers
+    /// change it.
     fn survey(&self) -> Survey<'_> {
         let mut survey = Survey::new();
-        for (name, value) in self.pairs() {
+        let roles = &self.roles;
+        for i in bits(roles.connection | roles.authorization | roles.cookie) {
+            let (name, value) = self.lines().get(i);
             survey.look(name, value);
         }
         survey
@@ -228,9 +295,9 @@ impl Parsed {
     /// The head as hyper would have made it, for wxgate's own endpoints.
     fn to_request(&self, body: Body, request_id: Option<&HeaderValue>) -> Option<Request<Body>> {
         let mut headers = HeaderMap::with_capacity(self.headers.len() + 1);
-        for (name, value) in self.pairs() {
+        for (name, value) in self.lines().iter() {
             headers.append(
-                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderName::from_bytes(name).ok()?,
                 HeaderValue::from_bytes(value).ok()?,
             );
         }
@@ -391,42 +458,52 @@ fn parse_request(
         headers: smallvec::SmallVec::new(),
         body_len: 0,
         close: false,
+        roles: Roles::default(),
     };
     let mut length: Option<u64> = None;
-    for header in request.headers.iter() {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
-            return Err(Unusual("Transfer-Encoding, Expect or Upgrade"));
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            let bad = Unusual("a Content-Length hyper must judge");
-            let value = std::str::from_utf8(header.value).map_err(|_| bad)?;
-            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad);
+    for (i, header) in request.headers.iter().enumerate() {
+        // At most MAX_HEADERS (64) headers: each has its bit.
+        let bit = 1u64 << i;
+        let roles = &mut parsed.roles;
+        match Role::of(header.name.as_bytes()) {
+            Role::Other => {}
+            Role::TransferEncoding | Role::Expect | Role::Upgrade => {
+                return Err(Unusual("Transfer-Encoding, Expect or Upgrade"));
             }
-            let n: u64 = value.parse().map_err(|_| bad)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad);
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in std::str::from_utf8(header.value)
-                .map_err(|_| Unusual("an unreadable Connection header"))?
-                .split(',')
-                .map(str::trim)
-            {
-                if token.eq_ignore_ascii_case("upgrade") {
-                    return Err(Unusual("an upgrade"));
+            Role::ContentLength => {
+                let bad = Unusual("a Content-Length hyper must judge");
+                let value = std::str::from_utf8(header.value).map_err(|_| bad)?;
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad);
                 }
-                parsed.close |= token.eq_ignore_ascii_case("close");
+                let n: u64 = value.parse().map_err(|_| bad)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad);
+                }
+                length = Some(n);
+            }
+            Role::Connection => {
+                roles.connection |= bit;
+                for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Err(Unusual("an upgrade"));
+                    }
+                    parsed.close |= token.eq_ignore_ascii_case(b"close");
+                }
+            }
+            Role::Authorization => roles.authorization |= bit,
+            Role::Cookie => roles.cookie |= bit,
+            Role::Accept => roles.accept |= bit,
+            Role::RequestId => {
+                roles.request_id.get_or_insert(i as u8);
+            }
+            Role::Origin => {
+                roles.origin.get_or_insert(i as u8);
             }
         }
         parsed
             .headers
-            .push((offset(name.as_bytes()), offset(header.value)));
+            .push((offset(header.name.as_bytes()), offset(header.value)));
     }
     parsed.body_len = length.unwrap_or(0);
     Ok(Some((len, parsed)))
@@ -516,7 +593,7 @@ impl Gateway {
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         conn.served += 1;
-        let (request_id, generated) = match request.header("x-request-id") {
+        let (request_id, generated) = match request.request_id() {
             Some(id) => match HeaderValue::from_bytes(id) {
                 Ok(id) => (id, false),
                 Err(_) => (fresh_request_id(), true),
@@ -554,7 +631,7 @@ impl Gateway {
         }
 
         let route = self.routes.matching(&method, &path);
-        let origin = request.header("origin");
+        let origin = request.origin();
         let decided = self
             .decide(route, &method, request.credential(), origin)
             .await;
@@ -563,9 +640,7 @@ impl Gateway {
             Err((e, via)) => {
                 let page = Page {
                     method: &method,
-                    accepts_html: request
-                        .pairs()
-                        .any(|(n, v)| n.eq_ignore_ascii_case("accept") && wants_html(v)),
+                    accepts_html: request.accepts_html(),
                     query,
                 };
                 let outcome = self.refused(route, path, page, e, via);
@@ -749,7 +824,7 @@ impl Gateway {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let written = self.headers.write_request_headers(
             &mut out,
-            request.pairs(),
+            request.lines(),
             &request.survey(),
             identity,
             client,
@@ -881,8 +956,7 @@ impl Gateway {
             let (mut has_id, mut has_date) = (false, false);
             for (name, value) in &head.headers {
                 let name = &upstream.buf[name.clone()];
-                let text = std::str::from_utf8(name).unwrap_or("");
-                if headers::is_hop_by_hop(text)
+                if headers::is_hop_by_hop(name)
                     || named.iter().any(|n| n.eq_ignore_ascii_case(name))
                 {
                     continue;
@@ -1177,5 +1251,86 @@ impl<IO: AsyncWrite> AsyncWrite for Prefixed<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(head: &str) -> Parsed {
+        let (len, parsed) = parse_request(head.as_bytes(), 64 * 1024, MAX_HEADERS)
+            .unwrap_or_else(|Unusual(why)| panic!("not for the lane: {why}"))
+            .expect("a whole head");
+        assert_eq!(len, head.len());
+        Parsed {
+            head: Bytes::copy_from_slice(head.as_bytes()),
+            ..parsed
+        }
+    }
+
+    #[test]
+    fn the_parse_finds_the_headers_the_lane_reads_in_any_case() {
+        let request = parse(
+            "GET /a?b HTTP/1.1\r\nHost: h\r\nX-REQUEST-ID: first\r\naccept: text/html\r\n\
+             AUTHORIZATION: Basic dXNlcjpwdw==\r\nOrigin: https://o\r\nx-request-id: second\r\n\
+             authorization: bearer tok.en\r\nCookie: __Host-wxgate=c\r\nCONNECTION: x-hop\r\n\r\n",
+        );
+        assert_eq!(request.target(), "/a?b");
+        assert_eq!(request.request_id(), Some(&b"first"[..]));
+        assert_eq!(request.origin(), Some(&b"https://o"[..]));
+        assert!(request.accepts_html());
+        // The first Authorization that is a bearer token, before the cookie.
+        assert_eq!(request.credential(), Some(("tok.en", Via::Bearer)));
+        assert_eq!(request.roles.authorization.count_ones(), 2);
+        assert_eq!(request.roles.connection, 1 << 8);
+        assert!(!request.close);
+
+        let cookie_only = parse("GET / HTTP/1.1\r\ncookie: a=b; __Host-wxgate=c\r\n\r\n");
+        assert_eq!(cookie_only.credential(), Some(("c", Via::Cookie)));
+        assert_eq!(cookie_only.request_id(), None);
+        assert!(!cookie_only.accepts_html());
+    }
+
+    #[test]
+    fn every_name_and_value_lies_in_the_head_even_empty_ones() {
+        let request = parse(
+            "GET / HTTP/1.1\r\nX-Empty:\r\nX-Spaces:   \r\nX-Tab:\tv\r\nConnection: Close\r\n\r\n",
+        );
+        let lines = request.lines();
+        let got: Vec<(&[u8], &[u8])> = lines.iter().collect();
+        assert_eq!(
+            got,
+            [
+                (&b"X-Empty"[..], &b""[..]),
+                (b"X-Spaces", b""),
+                (b"X-Tab", b"v"),
+                (b"Connection", b"Close")
+            ]
+        );
+        for &((name_start, name_end), (value_start, value_end)) in lines.spans {
+            assert!(name_start < name_end && name_end < value_start && value_start <= value_end);
+            assert!(value_end as usize <= request.head.len());
+        }
+        assert!(request.close);
+    }
+
+    #[test]
+    fn requests_that_are_not_the_lanes_go_to_hyper() {
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nexpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "GET http://example.com/ HTTP/1.1\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                parse_request(head.as_bytes(), 64 * 1024, MAX_HEADERS).is_err(),
+                "{head:?}"
+            );
+        }
     }
 }

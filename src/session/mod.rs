@@ -143,6 +143,18 @@ impl Session {
         }
     }
 
+    /// user_id, openid, unionid and phone as bytes (an absent one is empty), for writing them
+    /// into a request head without reading them back as text.
+    pub fn id_bytes(&self) -> [&[u8]; 4] {
+        let [a, b, c, d] = self.ends.map(usize::from);
+        [
+            &self.data[..a],
+            &self.data[a..b],
+            &self.data[b..c],
+            &self.data[c..d],
+        ]
+    }
+
     pub fn user_id(&self) -> &str {
         self.text(0, self.ends[0])
     }

@@ -169,6 +169,43 @@ async fn requests_the_lane_does_not_take_are_served_by_hyper_as_before() {
     );
 }
 
+#[tokio::test]
+async fn headers_reach_the_backend_as_the_client_spelled_them_less_the_forged() {
+    let gate = Gate::start().await;
+    // Lines that pass unchanged are copied as they arrived, several at a time: every spelling a
+    // client may use must still arrive as one header with its value, and nothing dropped between
+    // copied lines may come along.
+    let answer = raw(
+        gate.addr,
+        "GET /api/public/spelling HTTP/1.1\r\nHost: a\r\nX-Tabbed:\t one\r\nX-Tight:two\r\n\
+         X-User-Id: forged\r\nX-Trailing: three  \r\nX-Bare: four\nX-Empty:\r\n\
+         X_WeChat_OpenId: forged\r\nX-Last: five\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let seen = gate.seen();
+    let request = seen
+        .iter()
+        .find(|r| r.path == "/api/public/spelling")
+        .expect("forwarded");
+    let got = |name: &str| -> Vec<&str> {
+        request
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(got("x-tabbed"), ["one"]);
+    assert_eq!(got("x-tight"), ["two"]);
+    assert_eq!(got("x-trailing"), ["three"]);
+    assert_eq!(got("x-bare"), ["four"]);
+    assert_eq!(got("x-empty"), [""]);
+    assert_eq!(got("x-last"), ["five"]);
+    assert!(got("x-user-id").is_empty());
+    assert!(!request.headers.keys().any(|k| k.as_str().contains('_')));
+}
+
 /// A backend that answers every request on every connection with the next of `answers`, then
 /// closes the connection when the answer's second element says so.
 async fn scripted_backend(answers: Vec<(&'static [u8], bool)>) -> String {

@@ -424,7 +424,7 @@ pub fn raw_status(response: &str) -> u16 {
 pub fn folded<'a>(headers: &'a HeaderMap, canonical: &str) -> Vec<(&'a str, &'a str)> {
     headers
         .iter()
-        .filter(|(k, _)| wxgate::proxy::headers::same_header(k.as_str(), canonical))
+        .filter(|(k, _)| wxgate::proxy::headers::same_header(k.as_str().as_bytes(), canonical))
         .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("")))
         .collect()
 }
