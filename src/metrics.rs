@@ -2,7 +2,7 @@
 //! by construction — route names come from the config, error codes from [`crate::error::Error::code`],
 //! statuses are numbers — so no request can create a new time series at will.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -65,6 +65,44 @@ struct StoreLabels {
     store: &'static str,
 }
 
+/// How many (route, status) series [`Metrics::observe_request`] keeps handles to.
+const RECENT_SERIES: usize = 64;
+
+/// The handles of one (route, status) series of the request metrics.
+struct RouteSeries {
+    route: Arc<str>,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// How checking a request's credential ended: the `result` label of `token_verifications`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    Ok,
+    Expired,
+    Invalid,
+    UnknownSession,
+}
+
+impl Verification {
+    const ALL: [Verification; 4] = [
+        Verification::Ok,
+        Verification::Expired,
+        Verification::Invalid,
+        Verification::UnknownSession,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Verification::Ok => "ok",
+            Verification::Expired => "expired",
+            Verification::Invalid => "invalid",
+            Verification::UnknownSession => "unknown_session",
+        }
+    }
+}
+
 /// WeChat's error codes as label values: the documented ones by number, anything else as `other`,
 /// so a misbehaving server cannot create series at will.
 pub fn errcode_label(errcode: i64) -> &'static str {
@@ -107,7 +145,13 @@ pub struct Metrics {
     logins: Family<LoginLabels, Counter>,
     wechat_calls: Family<WechatLabels, Counter>,
     wechat_duration: Family<EndpointLabels, Histogram>,
-    verifications: Family<ResultLabels, Counter>,
+    /// The request series used so far, found by the route label's allocation and the status, so
+    /// that counting a request hashes no labels (at most [`RECENT_SERIES`]; others go through the
+    /// families).
+    recent: RwLock<Vec<RouteSeries>>,
+    /// `token_verifications` by [`Verification`], resolved once: every authenticated request counts
+    /// one, without hashing its label.
+    verified: [Counter; 4],
     sessions: Gauge,
     store_errors: Family<StoreLabels, Counter>,
 }
@@ -210,7 +254,14 @@ impl Metrics {
             logins,
             wechat_calls,
             wechat_duration,
-            verifications,
+            recent: RwLock::new(Vec::new()),
+            verified: Verification::ALL.map(|result| {
+                verifications
+                    .get_or_create(&ResultLabels {
+                        result: result.label(),
+                    })
+                    .clone()
+            }),
             sessions,
             store_errors,
         }
@@ -218,15 +269,44 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn observe_request(&self, route: &Arc<str>, status: u16, elapsed: Duration) {
-        let route = RouteLabel(route.clone());
-        self.duration
+        let seconds = elapsed.as_secs_f64();
+        {
+            let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
+            // The same label allocation is the same route (the entry's clone keeps it alive).
+            if let Some(series) = recent
+                .iter()
+                .find(|s| s.status == status && Arc::ptr_eq(&s.route, route))
+            {
+                series.requests.inc();
+                series.duration.observe(seconds);
+                return;
+            }
+        }
+        let label = RouteLabel(route.clone());
+        let duration = self
+            .duration
             .get_or_create(&RouteLabels {
-                route: route.clone(),
+                route: label.clone(),
             })
-            .observe(elapsed.as_secs_f64());
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
+            .clone();
+        let requests = self
+            .requests
+            .get_or_create(&RequestLabels {
+                route: label,
+                status,
+            })
+            .clone();
+        requests.inc();
+        duration.observe(seconds);
+        let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
+        if recent.len() < RECENT_SERIES {
+            recent.push(RouteSeries {
+                route: route.clone(),
+                status,
+                requests,
+                duration,
+            });
+        }
     }
 
     pub fn count_error(&self, code: &'static str) {
@@ -255,10 +335,9 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn count_verification(&self, result: &'static str) {
-        self.verifications
-            .get_or_create(&ResultLabels { result })
-            .inc();
+    /// One credential checked on a request.
+    pub fn count_verification(&self, result: Verification) {
+        self.verified[result as usize].inc();
     }
 
     pub fn set_sessions(&self, n: u64) {
@@ -323,5 +402,45 @@ mod tests {
             text.contains(r#"wxgate_errors_total{error="login_required"} 1"#),
             "{text}"
         );
+    }
+
+    /// Counting through the kept handles lands in the same series as through the families: a
+    /// label spelled by another allocation, a new status, and more series than are kept.
+    #[test]
+    fn kept_series_handles_count_into_the_exported_series() {
+        let metrics = Metrics::new();
+        let route: Arc<str> = Arc::from("api");
+        let same_name: Arc<str> = Arc::from("api");
+        for _ in 0..3 {
+            metrics.observe_request(&route, 200, Duration::from_millis(1));
+        }
+        metrics.observe_request(&same_name, 200, Duration::from_millis(1));
+        metrics.observe_request(&route, 401, Duration::from_millis(1));
+        for status in 0..(RECENT_SERIES as u16 + 10) {
+            metrics.observe_request(&route, 1000 + status, Duration::from_millis(1));
+            metrics.observe_request(&route, 1000 + status, Duration::from_millis(1));
+        }
+        let text = metrics.render();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(
+            has(r#"wxgate_http_requests_total{route="api",status="200"} 4"#),
+            "{text}"
+        );
+        assert!(
+            has(r#"wxgate_http_requests_total{route="api",status="401"} 1"#),
+            "{text}"
+        );
+        assert!(
+            has(r#"wxgate_http_requests_total{route="api",status="1073"} 2"#),
+            "{text}"
+        );
+        let count = 5 + 2 * (RECENT_SERIES + 10);
+        assert!(
+            has(&format!(
+                r#"wxgate_http_request_duration_seconds_count{{route="api"}} {count}"#
+            )),
+            "{text}"
+        );
+        assert_eq!(metrics.recent.read().unwrap().len(), RECENT_SERIES);
     }
 }

@@ -34,7 +34,7 @@ use crate::body::{self, Body};
 use crate::config::{AppConfig, AppKind, Config, Secret, SessionStoreConfig};
 use crate::error::Error;
 use crate::identity::{Identities, IdentityError, LoginIds, Resolved};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Verification};
 use crate::session::memory::MemoryStore;
 use crate::session::redis::RedisStore;
 use crate::session::token::{TokenError, Tokens, new_refresh_token, parse_refresh_token};
@@ -464,8 +464,8 @@ impl AuthService {
     pub(super) async fn live_session(&self, token: &str, now: u64) -> Result<Arc<Session>, Error> {
         let claims = self.verify(token, now).inspect_err(|e| {
             self.metrics.count_verification(match e {
-                Error::TokenExpired => "expired",
-                _ => "invalid",
+                Error::TokenExpired => Verification::Expired,
+                _ => Verification::Invalid,
             });
         })?;
         let session = self
@@ -474,8 +474,8 @@ impl AuthService {
             .await
             .map_err(|e| Error::AuthUnavailable(Box::new(e)))?;
         self.metrics.count_verification(match session {
-            Some(_) => "ok",
-            None => "unknown_session",
+            Some(_) => Verification::Ok,
+            None => Verification::UnknownSession,
         });
         session.ok_or(Error::InvalidToken)
     }
