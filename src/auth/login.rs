@@ -218,12 +218,13 @@ impl<T: Shareable + Clone + Send + Sync + 'static> CodeExchanges<T> {
         let key: [u8; 32] = hasher.finalize().into();
         // moka runs one `init` per key and hands its value to every concurrent caller (single flight),
         // then keeps it for the code's lifetime. A Redis failure is not kept: a retry asks again.
+        // moka's futures are tens of kilobytes: boxed here, they are built once on the heap instead
+        // of being carried (and copied) inside every future that awaits a login.
         let answer = match &self.shared {
-            None => Ok(self.answers.get_with(key, ask).await),
+            None => Ok(Box::pin(self.answers.get_with(key, ask)).await),
             Some(shared) => {
-                self.answers
-                    .try_get_with(key, shared.exchange(&key, self.lifetime, ask))
-                    .await
+                let ask = Box::pin(shared.exchange(&key, self.lifetime, ask));
+                Box::pin(self.answers.try_get_with(key, ask)).await
             }
         };
         match answer {
