@@ -285,9 +285,14 @@ impl Parsed {
     fn survey(&self) -> Survey<'_> {
         let mut survey = Survey::new();
         let roles = &self.roles;
-        for i in bits(roles.connection | roles.authorization | roles.cookie) {
-            let (name, value) = self.lines().get(i);
-            survey.look(name, value);
+        for value in self.values(roles.connection) {
+            survey.connection(value);
+        }
+        for value in self.values(roles.authorization) {
+            survey.authorization(value);
+        }
+        for value in self.values(roles.cookie) {
+            survey.cookie(value);
         }
         survey
     }

@@ -103,24 +103,40 @@ impl<'h> Survey<'h> {
     }
 
     /// Takes one header into account. Only `Connection`, `Authorization` and `Cookie` headers
-    /// change a survey; a caller that knows which headers those are may show it only them.
+    /// change a survey; a caller that knows which headers those are may show it only them, with
+    /// [`Survey::connection`], [`Survey::authorization`] and [`Survey::cookie`].
     pub fn look(&mut self, name: &[u8], value: &'h [u8]) {
         if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if !token.is_empty()
-                    && !token.eq_ignore_ascii_case(b"keep-alive")
-                    && !token.eq_ignore_ascii_case(b"close")
-                {
-                    self.named.push(token);
-                }
-            }
+            self.connection(value);
         } else if name.eq_ignore_ascii_case(b"authorization") {
-            self.bearer |= value
-                .get(..7)
-                .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+            self.authorization(value);
         } else if name.eq_ignore_ascii_case(b"cookie") {
-            self.own_cookies |= mentions_own_cookie(value);
+            self.cookie(value);
         }
+    }
+
+    /// A `Connection` header's value.
+    pub fn connection(&mut self, value: &'h [u8]) {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if !token.is_empty()
+                && !token.eq_ignore_ascii_case(b"keep-alive")
+                && !token.eq_ignore_ascii_case(b"close")
+            {
+                self.named.push(token);
+            }
+        }
+    }
+
+    /// An `Authorization` header's value.
+    pub fn authorization(&mut self, value: &[u8]) {
+        self.bearer |= value
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+    }
+
+    /// A `Cookie` header's value.
+    pub fn cookie(&mut self, value: &[u8]) {
+        self.own_cookies |= mentions_own_cookie(value);
     }
 
     /// A survey of every header of `headers`.
@@ -155,6 +171,108 @@ pub fn same_header(name: &[u8], canonical: &str) -> bool {
         })
 }
 
+/// Whether `name` has an `_`, looked for eight bytes at a time: this runs for nearly every header
+/// of every request, and a byte loop was the larger part of deciding a header's fate.
+fn has_underscore(name: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const UNDERSCORES: u64 = u64::from_ne_bytes([b'_'; 8]);
+    // A word has a zero byte exactly when this is not zero; XOR makes `_` bytes the zero ones.
+    let any_underscore = |word: u64| {
+        let x = word ^ UNDERSCORES;
+        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    };
+    let word = |bytes: &[u8]| u64::from_ne_bytes(bytes.try_into().expect("8 bytes"));
+    if name.len() < 8 {
+        return name.iter().fold(false, |found, &b| found | (b == b'_'));
+    }
+    let mut words = name.chunks_exact(8);
+    // Then the last eight bytes, overlapping the words before (only whether there is an `_`
+    // matters): no byte-sized copy, whose store the word's load would wait on.
+    words.by_ref().any(|w| any_underscore(word(w))) || any_underscore(word(&name[name.len() - 8..]))
+}
+
+/// A rule's name (lower case with `-` as its only separator, shorter than [`SPECIAL_LENGTHS`])
+/// eight bytes to a word, zero-padded, for [`spelling_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NameWords([u64; SPECIAL_LENGTHS / 8]);
+
+impl NameWords {
+    fn of(name: &[u8]) -> NameWords {
+        let mut words = [0; SPECIAL_LENGTHS / 8];
+        for (word, bytes) in words.iter_mut().zip(name.chunks(8)) {
+            *word = bytes
+                .iter()
+                .rev()
+                .fold(0u64, |word, &b| word << 8 | u64::from(b));
+        }
+        NameWords(words)
+    }
+}
+
+/// Which separators a name that folds to a rule's name is spelled with.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Spelling {
+    underscore: bool,
+    dot: bool,
+}
+
+/// How `name` is spelled when it folds (see [`same_header`]) to `canonical`, a rule's name of the
+/// same length; `None` when it does not. Eight bytes at a time, held in registers: comparing a
+/// name byte by byte was most of the cost of deciding the fate of the headers that have rules.
+fn spelling_of(name: &[u8], canonical: &NameWords) -> Option<Spelling> {
+    let le = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+    let mut spelling = Spelling::default();
+    let mut same = |i: usize, word: u64| {
+        let (word, underscore, dot) = fold_word(word);
+        spelling.underscore |= underscore;
+        spelling.dot |= dot;
+        word == canonical.0[i]
+    };
+    let full = name.len() / 8;
+    for (i, chunk) in name.chunks_exact(8).enumerate() {
+        if !same(i, le(chunk)) {
+            return None;
+        }
+    }
+    let rest = name.len() % 8;
+    if rest > 0 {
+        // The last bytes, moved to the bottom of a word: from the last eight bytes of the name
+        // when it has eight, else byte by byte.
+        let word = match name.len() >= 8 {
+            true => le(&name[name.len() - 8..]) >> (8 * (8 - rest)),
+            false => name
+                .iter()
+                .rev()
+                .fold(0u64, |word, &b| word << 8 | u64::from(b)),
+        };
+        if !same(full, word) {
+            return None;
+        }
+    }
+    Some(spelling)
+}
+
+/// Eight name bytes (little-endian, all below 0x80, as token characters are) folded to lower case
+/// with `-` for `_` and `.`; and whether there was an `_` and a `.`.
+fn fold_word(word: u64) -> (u64, bool, bool) {
+    const fn each(byte: u8) -> u64 {
+        u64::from_ne_bytes([byte; 8])
+    }
+    // Bytes from `A` to `Z` get 0x20: those with b + 0x3f >= 0x80 but not b + 0x25 >= 0x80.
+    let capitals = (word + each(0x3f)) & !(word + each(0x25)) & each(0x80);
+    let word = word | capitals >> 2;
+    // 0x80 exactly in the bytes equal to `byte` (no borrow from byte to byte).
+    let equal = |byte: u8| {
+        let x = word ^ each(byte);
+        !(((x & each(0x7f)) + each(0x7f)) | x | each(0x7f))
+    };
+    let (underscores, dots) = (equal(b'_'), equal(b'.'));
+    // `_` ^ 0x72 and `.` ^ 0x03 are `-`.
+    let folded = word ^ ((underscores >> 7) * 0x72) ^ ((dots >> 7) * 0x03);
+    (folded, underscores != 0, dots != 0)
+}
+
 /// What the request to the backend must look like, derived once from the config.
 #[derive(Debug, Clone)]
 pub struct HeaderRules {
@@ -172,12 +290,27 @@ pub struct HeaderRules {
     /// `special[len]`. A name outside them can only be dropped for an underscore, which is most
     /// headers of most requests decided in two steps.
     special: [u32; SPECIAL_LENGTHS],
+    /// Every name with a rule of its own (lower case with `-` only, which is how they fold; all
+    /// shorter than [`SPECIAL_LENGTHS`]) and its rule, by length: a name the table's shortcut lets
+    /// through is compared with the few of its length instead of going through every rule.
+    named_rules: Vec<Vec<(NameWords, Rule)>>,
     allow_underscores: bool,
     trusted_proxies: Vec<IpNet>,
 }
 
 /// Names this long or longer always take every rule.
 const SPECIAL_LENGTHS: usize = 48;
+
+/// The rule a name of [`HeaderRules::named_rules`] falls under. The first three apply to the exact
+/// name only (any case); the last two to every spelling that folds to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    HopByHop,
+    Authorization,
+    Cookie,
+    Identity,
+    Forwarding,
+}
 
 /// A name's first byte as a bit: its letter, in either case, or one bit shared by every other byte
 /// (`-`, `_` and `.`, which [`same_header`] folds into each other, all land on it).
@@ -252,14 +385,28 @@ impl HeaderRules {
             }))
             .collect::<Vec<_>>();
         let mut special = [0u32; SPECIAL_LENGTHS];
-        let names = HOP_BY_HOP
+        // Identity names are lower case without `_` or `.` (HeaderName, and the config refuses
+        // those): as they fold.
+        let mut named_rules = vec![Vec::new(); SPECIAL_LENGTHS];
+        let rules = HOP_BY_HOP
             .iter()
-            .chain(["authorization", "cookie"].iter())
-            .copied()
-            .chain(folded.iter().map(|(_, name, _)| name.as_str()));
-        for name in names {
+            .map(|name| (*name, Rule::HopByHop))
+            .chain([
+                ("authorization", Rule::Authorization),
+                ("cookie", Rule::Cookie),
+            ])
+            .chain(folded.iter().map(|(_, name, kind)| {
+                let rule = match kind {
+                    Folded::Identity => Rule::Identity,
+                    Folded::Forwarding => Rule::Forwarding,
+                };
+                (name.as_str(), rule)
+            }));
+        for (name, rule) in rules {
+            // Longer names are left to every rule in turn (see `fate`).
             if let Some(slot) = special.get_mut(name.len()) {
                 *slot |= letter_bit(name.as_bytes()[0]);
+                named_rules[name.len()].push((NameWords::of(name.as_bytes()), rule));
             }
         }
         HeaderRules {
@@ -270,6 +417,7 @@ impl HeaderRules {
             phone,
             folded,
             special,
+            named_rules,
             allow_underscores,
             trusted_proxies,
         }
@@ -367,12 +515,56 @@ impl HeaderRules {
         };
         if ordinary && survey.named.is_empty() {
             // No rule names it: only the underscore rule can apply.
-            return match !self.allow_underscores && name.contains(&b'_') {
+            return match !self.allow_underscores && has_underscore(name) {
                 true => Fate::Drop,
                 false => Fate::Pass,
             };
         }
+        if name.len() < SPECIAL_LENGTHS {
+            return self.fate_by_name(name, survey, trusted);
+        }
         self.fate_by_every_rule(name, survey, trusted)
+    }
+
+    /// [`HeaderRules::fate`] for a name shorter than [`SPECIAL_LENGTHS`]: compared with the names
+    /// of its length in [`HeaderRules::named_rules`], then the rules applied in the same order as
+    /// [`HeaderRules::fate_by_every_rule`] applies them.
+    fn fate_by_name(&self, name: &[u8], survey: &Survey<'_>, trusted: bool) -> Fate {
+        if survey.named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            return Fate::Drop;
+        }
+        let (mut hop, mut authorization, mut cookie, mut forged) = (false, false, false, false);
+        for (canonical, rule) in &self.named_rules[name.len()] {
+            let Some(spelling) = spelling_of(name, canonical) else {
+                continue;
+            };
+            // The name as spelled is the rule's name, not merely one that folds to it.
+            let exact = !(spelling.underscore || spelling.dot);
+            match rule {
+                Rule::HopByHop => hop |= exact,
+                Rule::Authorization => authorization |= exact,
+                Rule::Cookie => cookie |= exact,
+                Rule::Identity => forged = true,
+                Rule::Forwarding => forged |= !(trusted && exact),
+            }
+        }
+        if hop {
+            Fate::Drop
+        } else if authorization {
+            match survey.bearer {
+                true => Fate::Drop,
+                false => Fate::Pass,
+            }
+        } else if cookie {
+            match survey.own_cookies {
+                true => Fate::CutOwnCookies,
+                false => Fate::Pass,
+            }
+        } else if forged || (!self.allow_underscores && has_underscore(name)) {
+            Fate::Drop
+        } else {
+            Fate::Pass
+        }
     }
 
     /// [`HeaderRules::fate`] without the shortcut: every rule in turn.
@@ -524,10 +716,11 @@ impl HeaderRules {
                 let Some(name) = name.filter(|_| always || !value.is_empty()) else {
                     continue;
                 };
-                if !value
-                    .iter()
-                    .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-                {
+                // Visible ASCII, space and tab; checked without a branch per byte.
+                let valid = value.iter().fold(true, |ok, &b| {
+                    ok & ((b == b'\t') | (b.wrapping_sub(b' ') <= b'~' - b' '))
+                });
+                if !valid {
                     return Err(Error::Internal(
                         "identity value is not a valid header value".into(),
                     ));
@@ -723,6 +916,22 @@ mod tests {
         )
     }
 
+    /// Identity header names the config accepts that are also names other rules know: a
+    /// forwarding header and a non-standard hop-by-hop one, plus a phone header.
+    fn colliding_rules(trusted: &[&str], allow_underscores: bool) -> HeaderRules {
+        HeaderRules::new(
+            [
+                HeaderName::from_static("x-real-ip"),
+                HeaderName::from_static("x-wechat-appid"),
+                HeaderName::from_static("proxy-connection"),
+                HeaderName::from_static("x-wechat-unionid"),
+            ],
+            Some(HeaderName::from_static("x-wechat-phone")),
+            allow_underscores,
+            trusted.iter().map(|t| t.parse().unwrap()).collect(),
+        )
+    }
+
     fn client(peer: &str) -> ClientInfo {
         ClientInfo::new(peer.parse().unwrap(), "http")
     }
@@ -749,6 +958,49 @@ mod tests {
             );
         }
         h
+    }
+
+    proptest! {
+        /// Two names fold to the same words exactly when `same_header` says they are the same,
+        /// and the words note `_` and `.`.
+        #[test]
+        fn names_folded_eight_bytes_at_a_time_compare_as_same_header_says(
+            canonical in "[a-z0-9-]{1,47}",
+            changes in prop::collection::vec((any::<prop::sample::Index>(), 0u8..6), 0..4),
+            other in "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,47}",
+        ) {
+            // A spelling of the canonical name (some bytes in upper case, or `-` as `_` or `.`),
+            // or, with a byte replaced, perhaps another name of the same length.
+            let mut name = canonical.clone().into_bytes();
+            for (at, how) in &changes {
+                let i = at.index(name.len());
+                if *how == 5 {
+                    name[i] = b'Q';
+                } else if name[i] == b'-' {
+                    name[i] = [b'-', b'_', b'.', b'-', b'_'][usize::from(*how)];
+                } else if *how > 2 {
+                    name[i] = name[i].to_ascii_uppercase();
+                }
+            }
+            let words = NameWords::of(canonical.as_bytes());
+            for name in [&name[..], other.as_bytes()] {
+                let spelling = (name.len() == canonical.len())
+                    .then(|| spelling_of(name, &words))
+                    .flatten();
+                prop_assert_eq!(spelling.is_some(), same_header(name, &canonical));
+                if let Some(spelling) = spelling {
+                    prop_assert_eq!(spelling.underscore, name.contains(&b'_'));
+                    prop_assert_eq!(spelling.dot, name.contains(&b'.'));
+                }
+            }
+        }
+
+        #[test]
+        fn underscores_are_found_wherever_they_are(
+            name in prop::collection::vec(prop_oneof![Just(b'_'), any::<u8>()], 0..40),
+        ) {
+            prop_assert_eq!(has_underscore(&name), name.contains(&b'_'));
+        }
     }
 
     #[test]
@@ -997,6 +1249,10 @@ mod tests {
             "x-real-ip",
             "x-secret-hop",
             "proxy-authorization",
+            "proxy-connection",
+            "proxy_connection",
+            "x.real.ip",
+            "x-wechat-phone",
             "x-user-id",
             "x_user_id",
             "x.wechat.openid",
@@ -1027,6 +1283,46 @@ mod tests {
             Just("__Host-wxgate-state=s".to_owned()),
             Just("198.51.100.7".to_owned()),
         ]
+    }
+
+    #[test]
+    fn an_identity_value_that_cannot_be_a_header_value_fails_both_forms() {
+        let rules = rules(&[], false);
+        let client = client("203.0.113.9");
+        for (user_id, ok) in [
+            ("u_1", true),
+            ("u 1\t", true),
+            ("u\r\nx-admin: 1", false),
+            ("u\u{7f}", false),
+            ("u\u{0}", false),
+        ] {
+            let identity = Identity::new(
+                "wx0123456789abcdef",
+                crate::session::SessionIds {
+                    user_id,
+                    openid: "oVBkZ0aYgDMDIywRdgPW8-joxXc4",
+                    unionid: None,
+                    phone: None,
+                },
+            )
+            .unwrap();
+            let mut text = Vec::new();
+            let lines = HeadLines {
+                text: b"",
+                spans: &[],
+            };
+            let written = rules.write_request_headers(
+                &mut text,
+                lines,
+                &Survey::new(),
+                Some(&identity),
+                &client,
+                None,
+            );
+            let mut map = HeaderMap::new();
+            let inserted = rules.prepare_request(&mut map, Some(&identity), &client);
+            assert_eq!((written.is_ok(), inserted.is_ok()), (ok, ok), "{user_id:?}");
+        }
     }
 
     proptest! {
@@ -1084,8 +1380,12 @@ mod tests {
             name in any_header_name(),
             allow_underscores in any::<bool>(),
             trusted in any::<bool>(),
+            colliding in any::<bool>(),
         ) {
-            let rules = rules(&[], allow_underscores);
+            let rules = match colliding {
+                true => colliding_rules(&[], allow_underscores),
+                false => rules(&[], allow_underscores),
+            };
             let mut survey = Survey::new();
             for (name, value) in &pairs {
                 survey.look(name.as_bytes(), value.as_bytes());
