@@ -40,7 +40,7 @@ use crate::auth::service::Via;
 use crate::body::{self, Body, BoxError};
 use crate::config::Config;
 use crate::error::Error;
-use crate::proxy::headers::{self, ClientInfo, HeadLines, Span, Survey};
+use crate::proxy::headers::{self, ClientInfo, HeadLines, LineRuns, Span, Survey};
 use crate::proxy::raw::{self, Chunks, Framing, RawConn, RawPool, ResponseHead};
 use crate::routes;
 
@@ -959,8 +959,10 @@ impl Gateway {
                 .map(<[u8]>::trim_ascii)
                 .collect();
             let (mut has_id, mut has_date) = (false, false);
-            for (name, value) in &head.headers {
-                let name = &upstream.buf[name.clone()];
+            // The lines that stay are copied as they came.
+            let mut runs = LineRuns::new(&upstream.buf);
+            for (name_at, value_at) in &head.headers {
+                let name = &upstream.buf[name_at.clone()];
                 if headers::is_hop_by_hop(name)
                     || named.iter().any(|n| n.eq_ignore_ascii_case(name))
                 {
@@ -968,8 +970,9 @@ impl Gateway {
                 }
                 has_id |= name.eq_ignore_ascii_case(b"x-request-id");
                 has_date |= name.eq_ignore_ascii_case(b"date");
-                headers::write_header(reply, name, &upstream.buf[value.clone()]);
+                runs.pass(reply, name_at.start, value_at.end);
             }
+            runs.flush(reply);
             if head.framing == Framing::Chunked {
                 reply.extend_from_slice(b"transfer-encoding: chunked\r\n");
             }

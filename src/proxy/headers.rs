@@ -631,14 +631,7 @@ impl HeaderRules {
         let text = headers.text;
         let mut chain: SmallVec<[&[u8]; 2]> = SmallVec::new();
         let (mut proto, mut forwarded_host, mut client_host) = (false, false, None);
-        // The passing lines not yet copied: from the first one's name to the last one's value.
-        let mut run: Option<(usize, usize)> = None;
-        let copy = |out: &mut Vec<u8>, run: &mut Option<(usize, usize)>| {
-            if let Some((start, end)) = run.take() {
-                out.extend_from_slice(&text[start..end]);
-                out.extend_from_slice(b"\r\n");
-            }
-        };
+        let mut runs = LineRuns::new(text);
         for &(name_at, value_at) in headers.spans {
             let (name, value) = (headers.part(name_at), headers.part(value_at));
             if name.eq_ignore_ascii_case(b"host") {
@@ -660,22 +653,10 @@ impl HeaderRules {
                         proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
                         forwarded_host |= name.eq_ignore_ascii_case(b"x-forwarded-host");
                     }
-                    let (start, end) = (name_at.0 as usize, value_at.1 as usize);
-                    run = match run {
-                        // The line right after the run's last: the run grows.
-                        Some((first, last))
-                            if last + 2 == start && &text[last..start] == b"\r\n" =>
-                        {
-                            Some((first, end))
-                        }
-                        _ => {
-                            copy(out, &mut run);
-                            Some((start, end))
-                        }
-                    };
+                    runs.pass(out, name_at.0 as usize, value_at.1 as usize);
                 }
                 Fate::CutOwnCookies => {
-                    copy(out, &mut run);
+                    runs.flush(out);
                     if let Some(kept) = std::str::from_utf8(value)
                         .ok()
                         .and_then(without_own_cookies)
@@ -685,7 +666,7 @@ impl HeaderRules {
                 }
             }
         }
-        copy(out, &mut run);
+        runs.flush(out);
         if let Some(host) = host {
             write_header(out, b"host", host);
         }
@@ -778,6 +759,43 @@ impl HeaderRules {
             headers.insert(name.clone(), value(phone)?);
         }
         Ok(())
+    }
+}
+
+/// Header lines copied from a head as they arrived (the name, the colon, the whitespace and the
+/// value; the line ending is always CRLF), a run of adjacent lines in one copy.
+pub struct LineRuns<'t> {
+    text: &'t [u8],
+    /// The lines passed and not yet copied: from the first one's name to the last one's value.
+    run: Option<(usize, usize)>,
+}
+
+impl<'t> LineRuns<'t> {
+    pub fn new(text: &'t [u8]) -> Self {
+        LineRuns { text, run: None }
+    }
+
+    /// The line whose name starts at `start` and whose value ends at `end` in the text passes,
+    /// unchanged.
+    pub fn pass(&mut self, out: &mut Vec<u8>, start: usize, end: usize) {
+        self.run = match self.run {
+            // The line right after the run's last, joined by nothing but CRLF: the run grows.
+            Some((first, last)) if last + 2 == start && &self.text[last..start] == b"\r\n" => {
+                Some((first, end))
+            }
+            _ => {
+                self.flush(out);
+                Some((start, end))
+            }
+        };
+    }
+
+    /// Copies the lines passed so far: before a header written otherwise, and at the end.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        if let Some((start, end)) = self.run.take() {
+            out.extend_from_slice(&self.text[start..end]);
+            out.extend_from_slice(b"\r\n");
+        }
     }
 }
 

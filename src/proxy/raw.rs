@@ -161,6 +161,16 @@ fn range_in(base: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// A Content-Length value: decimal digits only (no sign, no space), at most 19 of them.
+fn decimal(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || text.len() > 19 {
+        return None;
+    }
+    text.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
 /// Parses the response head at the start of `buf`: `Ok(None)` when more bytes are needed.
 /// Interim responses (1xx other than 101) are not returned: `Ok(Some)` for one of them has
 /// `status < 200` and the caller skips `len` bytes and parses again.
@@ -193,12 +203,8 @@ pub fn parse_response(
         ));
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value).map_err(|_| ResponseError::Framing)?;
-            for part in value.split(',').map(str::trim) {
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(ResponseError::Framing);
-                }
-                let n: u64 = part.parse().map_err(|_| ResponseError::Framing)?;
+            for part in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n = decimal(part).ok_or(ResponseError::Framing)?;
                 if length.is_some_and(|l| l != n) {
                     return Err(ResponseError::Framing);
                 }
@@ -214,10 +220,10 @@ pub fn parse_response(
                 chunked = true;
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            let value = std::str::from_utf8(header.value).unwrap_or_default();
-            close |= value
-                .split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("close"));
+            close |= header
+                .value
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
     if (100..200).contains(&status) {
@@ -431,6 +437,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",

@@ -244,6 +244,38 @@ async fn scripted_backend(answers: Vec<(&'static [u8], bool)>) -> String {
 }
 
 #[tokio::test]
+async fn the_backends_header_lines_reach_the_client_as_spelled_less_hop_by_hop() {
+    let upstream = scripted_backend(vec![(
+        b"HTTP/1.1 200 OK\r\nServer:tight\r\nX-Tab:\t1\r\nConnection: keep-alive, X-Hop\r\n\
+          X-Hop: secret\r\nX-Trail: 2  \r\nKeep-Alive: timeout=5\r\nX-Bare: 3\n\
+          Content-Length: 2\r\n\r\nok",
+        false,
+    )])
+    .await;
+    let gate = Gate::with_config(ROUTES).upstream(&upstream).start().await;
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/public/lines HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+    assert!(
+        !head.replace("\r\n", "").contains('\n'),
+        "every line ends in CRLF: {head:?}"
+    );
+    assert_eq!(header(&head, "server"), Some("tight"));
+    assert_eq!(header(&head, "x-tab"), Some("1"));
+    assert_eq!(header(&head, "x-trail"), Some("2"));
+    assert_eq!(header(&head, "x-bare"), Some("3"));
+    assert_eq!(header(&head, "content-length"), Some("2"));
+    for gone in ["x-hop", "keep-alive", "connection"] {
+        assert_eq!(header(&head, gone), None, "{gone} in {head}");
+    }
+}
+
+#[tokio::test]
 async fn the_backends_framings_reach_the_client_intact() {
     let upstream = scripted_backend(vec![
         // Chunked, with an extension and a trailer: passed as it comes.
