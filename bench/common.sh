@@ -65,6 +65,9 @@ secret = "bench-secret"
 store = "sqlite://$WORK/identities-$1.db"
 [session]
 signing_key = "bench-signing-key-0123456789abcdef-0123456789"
+[limits]
+# One client posting thousands of logins: the per-address limit is off.
+auth_per_minute = 0
 CONF
 }
 

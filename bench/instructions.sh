@@ -6,7 +6,7 @@
 #   bash bench/instructions.sh BINARY [BINARY...]     # 2000 keep-alive requests to a public route
 #   ROUTE=required bash bench/instructions.sh BINARY  # a required route with a valid token
 #   ROUTE=refused bash bench/instructions.sh BINARY   # a required route with a bad token (401)
-#   ROUTE=login bash bench/instructions.sh BINARY     # POST /auth/login, a fresh code each (mock WeChat)
+#   ROUTE=login bash bench/instructions.sh BINARY     # POST /auth/login of returning users, fresh codes
 #   REQUESTS=500 KEEP=out.callgrind bash bench/instructions.sh BINARY  # keep the profile
 #
 # Each binary runs under callgrind with instrumentation off while it starts and logs a person in
@@ -67,22 +67,27 @@ instructions() {
   token=$(login "$PORT") || exit 1
   [ "$ROUTE" = refused ] && token="${token%?????}AAAAA"
   if [ "$ROUTE" = login ]; then
-    # Each URL with its own body (`next` ends one URL's options): a fresh code per login, one of
-    # 3,844 people by its first two characters, as bench/login.lua makes them.
-    python3 - "$PORT" "$REQUESTS" >"$WORK/urls" <<'PY'
-import random, string, sys
-port, n = sys.argv[1], int(sys.argv[2])
+    # Each URL with its own body (`next` ends one URL's options): a fresh code per login, of one
+    # of 100 people (the mock names the person by the code's first two characters), each of whom
+    # has logged in once before the count: returning users, as in steady traffic.
+    logins() { # FIRST COUNT: COUNT logins, person i % 100, codes numbered from FIRST
+      python3 - "$PORT" "$1" "$2" <<'PY'
+import string, sys
+port, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 alphabet = string.ascii_letters + string.digits
-stem = "".join(random.choice(alphabet) for _ in range(20))
-for i in range(n):
-    code = random.choice(alphabet) + random.choice(alphabet) + stem + f"{i:010d}"
+for i in range(first, first + n):
+    person = alphabet[i % 100 // 62] + alphabet[i % 100 % 62]
     print(f'url = "http://127.0.0.1:{port}/auth/login"')
     print('header = "Content-Type: application/json"')
-    print(f'data = "{{\\"code\\":\\"{code}\\"}}"')
+    print(f'data = "{{\\"code\\":\\"{person}{i:030d}\\"}}"')
     print('output = "/dev/null"')
-    if i + 1 < n:
+    if i + 1 < first + n:
         print("next")
 PY
+    }
+    logins 0 100 >"$WORK/people"
+    curl -s -K "$WORK/people"
+    logins 100 "$REQUESTS" >"$WORK/urls"
   else
     { # A header in curl's config applies to every URL in it.
       printf 'header = "Authorization: Bearer %s"\n' "$token"

@@ -26,7 +26,10 @@ Scenarios (the proxy matrix):
   wxgate-401        wxgate on a `required` route with an invalid token
 
 Rules: scenarios run round-robin within each round (the starting scenario rotates), every run has
-a discarded warm-up, load is `wrk -t2 -c64 --latency` and unloaded latency `wrk -t1 -c1`. Proxies
+a discarded warm-up, load is `wrk -t2 -c64 --latency` and unloaded latency `wrk -t1 -c1`, measured
+twice: as it comes, and with wrk, the backend and the proxy all pinned to one core (taskset), which
+takes the cost of waking another core (tens of microseconds on a VM, and different from run to run)
+out of the figure and leaves each proxy's own time per request. Proxies
 get equal worker counts: nginx worker_processes, haproxy nbthread, wxgate server.workers (1 is
 tokio's current-thread runtime). The headline is the median over rounds of each round's ratio to
 nginx proxy_pass. CPU is user+system time of the proxy's processes (all of them: nginx's workers,
@@ -447,7 +450,7 @@ class Scenario:
         self.expect = expect
         self.headers = headers
         self.what = what
-        self.runs = []  # per round: (load stats, unloaded stats, cpu seconds)
+        self.runs = []  # per round: (load stats, unloaded stats, cpu seconds, pinned stats)
 
     def pids(self):
         return [pid for s in self.services for pid in s.pids()]
@@ -460,6 +463,39 @@ class Scenario:
         return sockets + stats["status"]
 
 
+def set_affinity(pids, cpus):
+    """Every thread of `pids` may run on `cpus` only."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+
+def pinned_wrk(scenario, duration):
+    """`wrk -t1 -c1` with wrk, the backend and the scenario's processes on the last core."""
+    core = {os.cpu_count() - 1}
+    pids = scenario.pids() + BACKEND.pids()
+    set_affinity(pids, core)
+    try:
+        argv = ["taskset", "-c", str(next(iter(core))), "wrk", "-t1", "-c1", f"-d{duration}",
+                "--latency", "-s", str(ROOT / "bench/stats.lua")]
+        for name, value in scenario.headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        out = subprocess.run(argv + [scenario.url], capture_output=True, text=True, check=False)
+    finally:
+        set_affinity(pids, set(range(os.cpu_count())))
+    match = WRK_LINE.search(out.stdout)
+    if not match:
+        fail(f"wrk printed no statistics: {out.stdout} {out.stderr}")
+    return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+
+
 def measure(scenario, args):
     headers = scenario.headers
     wrk(scenario.url, args.connections, 2, args.warmup, headers)  # warm-up, discarded
@@ -468,7 +504,8 @@ def measure(scenario, args):
     load = wrk(scenario.url, args.connections, 2, args.duration, headers)
     cpu = cpu_seconds(pids) - before
     unloaded = wrk(scenario.url, 1, 1, args.latency_duration, headers)
-    scenario.runs.append((load, unloaded, cpu))
+    pinned = pinned_wrk(scenario, args.latency_duration)
+    scenario.runs.append((load, unloaded, cpu, pinned))
     return load
 
 
@@ -485,22 +522,25 @@ def report_matrix(workers, scenarios, reference):
     print(f"\n### {workers} worker{'s' if workers > 1 else ''} each "
           f"(wrk -t2 -c{ARGS.connections} -d{ARGS.duration}, {len(ref_rps)} round(s))\n")
     print("| scenario | req/s median (min–max) | × nginx | p50 ms | p99 ms | p99.9 ms | errors "
-          "| CPU µs/req | peak RSS MB | c=1 p50 µs | c=1 p50 − direct µs |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| CPU µs/req | peak RSS MB | c=1 p50 µs | c=1 p50 − direct µs "
+          "| one core: c=1 p50 µs | one core: − direct µs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     direct = next(s for s in scenarios if s.name == "direct")
     direct_p50 = median([run[1]["p50"] for run in direct.runs])
+    direct_pinned = median([run[3]["p50"] for run in direct.runs])
     rows = {}
     for s in scenarios:
         rps = [run[0]["rps"] for run in s.runs]
         ratios = [run[0]["rps"] / r for run, r in zip(s.runs, ref_rps)]
-        errors = sum(s.errors(run[0]) + s.errors(run[1]) for run in s.runs)
+        errors = sum(s.errors(run[0]) + s.errors(run[1]) + s.errors(run[3]) for run in s.runs)
         cpu_us = median([run[2] / run[0]["requests"] * 1e6 for run in s.runs])
         unloaded_p50 = median([run[1]["p50"] for run in s.runs])
+        pinned_p50 = median([run[3]["p50"] for run in s.runs])
         rss = status_kib(s.pids(), "VmHWM") / 1024 if s.name != "direct" else None
         rows[s.name] = {
             "rps": median(rps), "ratio": median(ratios),
             "p99": median([run[0]["p99"] for run in s.runs]),
-            "c1_p50": unloaded_p50, "errors": errors,
+            "c1_p50": unloaded_p50, "pinned_p50": pinned_p50, "errors": errors,
         }
         print(f"| {s.name} | {median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) "
               f"| {median(ratios):.2f} "
@@ -508,7 +548,8 @@ def report_matrix(workers, scenarios, reference):
               f"| {ms(median([r[0]['p99'] for r in s.runs]))} "
               f"| {ms(median([r[0]['p999'] for r in s.runs]))} "
               f"| {errors} | {cpu_us:.1f} | {'—' if rss is None else f'{rss:.1f}'} "
-              f"| {unloaded_p50:.0f} | {unloaded_p50 - direct_p50:+.0f} |")
+              f"| {unloaded_p50:.0f} | {unloaded_p50 - direct_p50:+.0f} "
+              f"| {pinned_p50:.0f} | {pinned_p50 - direct_pinned:+.0f} |")
     return rows
 
 
@@ -527,12 +568,14 @@ def verdicts(rows, workers):
     for other in ("nginx+authreq", "nginx+njs-jwt"):
         r = get("wxgate-required", "rps") / get(other, "rps")
         lines.append((f"required ≥ 2× {other}", r >= 2.0, f"{r:.2f}×"))
-    direct = get("direct", "c1_p50")
-    ours, theirs = get("wxgate-public", "c1_p50") - direct, get("nginx", "c1_p50") - direct
-    lines.append(("c=1: wxgate's added p50 ≤ nginx's", ours <= theirs,
-                  f"+{ours:.0f} vs +{theirs:.0f} µs"))
-    auth = get("wxgate-required", "c1_p50") - get("wxgate-public", "c1_p50")
-    lines.append(("c=1: authentication adds ≤ 5 µs", auth <= 5, f"{auth:+.0f} µs"))
+    for key, how in (("c1_p50", ""), ("pinned_p50", ", one core")):
+        direct = get("direct", key)
+        ours = get("wxgate-required", key) - direct
+        theirs = get("nginx", key) - direct
+        lines.append((f"c=1{how}: wxgate's added p50 (required route) ≤ nginx's", ours <= theirs,
+                      f"{ours:+.0f} vs {theirs:+.0f} µs"))
+        auth = get("wxgate-required", key) - get("wxgate-public", key)
+        lines.append((f"c=1{how}: authentication adds ≤ 5 µs", auth <= 5, f"{auth:+.0f} µs"))
     print(f"\nTargets at {workers} worker(s):")
     for what, ok, value in lines:
         print(f"- {'met' if ok else 'MISSED'}: {what} ({value})")
@@ -743,7 +786,7 @@ def idle_rss(wxgate_bin, backend, wechat):
 
 
 def main():
-    global ARGS, WORK
+    global ARGS, WORK, BACKEND
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -772,8 +815,9 @@ def main():
     services = []
     try:
         backend, wechat = free_port(), free_port()
-        services.append(Service("backend", nginx_conf("backend", 1, backend_block(backend)),
-                                ready_port=backend))
+        BACKEND = Service("backend", nginx_conf("backend", 1, backend_block(backend)),
+                          ready_port=backend)
+        services.append(BACKEND)
         services.append(Service("wechat", nginx_conf("wechat", 1, wechat_block(wechat)),
                                 ready_port=wechat))
         print(f"# wxgate versus nginx and haproxy — {os.cpu_count()} cores, "
