@@ -91,7 +91,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&config.log);
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log_writer = init_logging(&config.log);
     let runtime = match config.server.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -117,7 +118,13 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr as `[log]` says; `RUST_LOG`, when set, overrides `log.level`.
-fn init_logging(log: &wxgate::config::LogConfig) {
+///
+/// Lines are written by a thread of their own, through a buffer flushed whenever no more lines are
+/// waiting: a request never waits on a write to stderr (one system call per line, on the thread
+/// that serves every connection, was a large part of an access-logged request), and under load
+/// many lines leave in one write. None is dropped: when the queue is full, the logging thread
+/// waits for room.
+fn init_logging(log: &wxgate::config::LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let mut filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
@@ -130,9 +137,16 @@ fn init_logging(log: &wxgate::config::LogConfig) {
                 .expect("a valid static directive"),
         );
     }
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("wxgate-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match log.format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // One JSON object per line: the event's fields at the top level, the request span (method,
@@ -144,6 +158,7 @@ fn init_logging(log: &wxgate::config::LogConfig) {
             .with_span_list(false)
             .init(),
     }
+    guard
 }
 
 /// `GET /readyz` on the admin listener (on loopback when it listens on every address).
