@@ -7,7 +7,10 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -15,8 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::admin::{Admin, Readiness};
 use crate::auth::service::{AuthService, StartError};
@@ -129,8 +131,8 @@ impl Server {
             limits = limits.shared(redis);
         }
         let limits = Arc::new(limits);
-        // Cancelled when the drain deadline passes: connections still open then are cut off.
-        let cut_off = CancellationToken::new();
+        // Raised when the drain deadline passes: connections still open then are cut off.
+        let cut_off = Arc::new(Signal::default());
         let tunnels = Tunnels {
             tracker: tokio_util::task::TaskTracker::new(),
             cut_off: cut_off.clone(),
@@ -172,7 +174,7 @@ impl Server {
         // tells the fast lane's connections to finish the request in flight and take no other (the
         // ones hyper serves hear it from `graceful`).
         let clients = tokio_util::task::TaskTracker::new();
-        let draining = CancellationToken::new();
+        let draining = Arc::new(Signal::default());
         let handover = || crate::gateway::fast::Handover {
             builder: builder.clone(),
             watcher: graceful.watcher(),
@@ -243,7 +245,7 @@ impl Server {
         tunnels.tracker.close();
         clients.close();
         tracing::info!(connections = open, upgraded = tunnels.tracker.len(), timeout = ?self.config.server.shutdown_timeout, "shutting down, draining connections");
-        draining.cancel();
+        draining.raise();
         let drained = async {
             tokio::join!(graceful.shutdown(), clients.wait());
             tunnels.tracker.wait().await;
@@ -252,7 +254,7 @@ impl Server {
             Ok(()) => tracing::info!("all connections drained"),
             Err(_) => {
                 tracing::warn!("shutdown timeout reached; closing the remaining connections");
-                cut_off.cancel();
+                cut_off.raise();
             }
         }
         Ok(())
@@ -346,18 +348,84 @@ async fn accepted_or_pause(
 }
 
 /// A connection's task: it ends with the connection, or when the drain deadline cuts it off.
-async fn connection_task<F, E>(connection: F, peer: SocketAddr, cut_off: CancellationToken)
+async fn connection_task<F, E>(connection: F, peer: SocketAddr, cut_off: Arc<Signal>)
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     tokio::select! {
+        // The connection first: it is what wakes the task, many times a second.
+        biased;
         result = connection => {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
-        () = cut_off.cancelled() => tracing::debug!(%peer, "connection cut off at the shutdown timeout"),
+        () = cut_off.raised() => tracing::debug!(%peer, "connection cut off at the shutdown timeout"),
+    }
+}
+
+/// A step of shutdown that every connection watches (draining, then the cut-off): raised once,
+/// checked with an atomic load, and awaited by each task registering with it once.
+///
+/// Its future is polled every time a connection's task wakes, several times per request. A
+/// `CancellationToken`'s future locks a mutex shared by every connection on each poll (twice: its
+/// flag, then its `Notify`); this one locks only when the task's waker is not the one it registered.
+#[derive(Debug, Default)]
+pub struct Signal {
+    raised: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+impl Signal {
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the signal is raised.
+    pub fn raised(&self) -> Raised<'_> {
+        Raised {
+            signal: self,
+            notified: Box::pin(self.notify.clone().notified_owned()),
+            registered: None,
+        }
+    }
+}
+
+/// The future of [`Signal::raised`].
+pub struct Raised<'s> {
+    signal: &'s Signal,
+    // Created with the future: a `notify_waiters` after that wakes it even before its first poll.
+    notified: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// The waker the `Notify` holds for this future.
+    registered: Option<Waker>,
+}
+
+impl Future for Raised<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.is_raised() {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            // The same task as before: the Notify will wake it.
+            return Poll::Pending;
+        }
+        if self.notified.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        self.registered = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -399,4 +467,74 @@ pub async fn until_signalled() -> io::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A waker that counts its wakes.
+    struct Counter(AtomicUsize);
+
+    impl futures_util::task::ArcWake for Counter {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counter>, Waker) {
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        (counter.clone(), futures_util::task::waker(counter))
+    }
+
+    #[test]
+    fn a_raised_signal_wakes_the_waker_it_holds_last() {
+        let signal = Signal::default();
+        let mut raised = std::pin::pin!(signal.raised());
+        let (first, first_waker) = counting();
+        let (second, second_waker) = counting();
+        let mut cx = Context::from_waker(&first_waker);
+        assert!(raised.as_mut().poll(&mut cx).is_pending());
+        // Polled again by the same task: nothing to register.
+        assert!(raised.as_mut().poll(&mut cx).is_pending());
+        // Moved to another task: the new waker is the one woken.
+        let mut cx = Context::from_waker(&second_waker);
+        assert!(raised.as_mut().poll(&mut cx).is_pending());
+        signal.raise();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(raised.as_mut().poll(&mut cx).is_ready());
+        assert!(signal.is_raised());
+    }
+
+    #[test]
+    fn a_signal_raised_before_the_first_poll_is_seen() {
+        let signal = Signal::default();
+        let mut early = std::pin::pin!(signal.raised());
+        signal.raise();
+        let (_, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(early.as_mut().poll(&mut cx).is_ready());
+        assert!(std::pin::pin!(signal.raised()).poll(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn every_waiting_task_ends_when_the_signal_is_raised() {
+        let signal = Arc::new(Signal::default());
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let signal = signal.clone();
+                tokio::spawn(async move { signal.raised().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        signal.raise();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("woken in time")
+                .unwrap();
+        }
+    }
 }

@@ -30,7 +30,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Gateway, Outcome, Page, X_REQUEST_ID, fresh_request_id, request_span, wants_html};
@@ -43,6 +42,7 @@ use crate::error::Error;
 use crate::proxy::headers::{self, ClientInfo, HeadLines, LineRuns, Span, Survey};
 use crate::proxy::raw::{self, Chunks, Framing, RawConn, RawPool, ResponseHead};
 use crate::routes;
+use crate::server::{Raised, Signal};
 
 /// The most headers a request in the fast lane has; one with more goes to hyper, which applies
 /// `limits.max_headers`.
@@ -102,7 +102,7 @@ impl FastLane {
 pub(crate) struct Handover {
     pub builder: auto::Builder<TokioExecutor>,
     pub watcher: hyper_util::server::graceful::Watcher,
-    pub draining: CancellationToken,
+    pub draining: Arc<Signal>,
 }
 
 /// Serves one client connection: in the fast lane while its requests allow, then (if one does not)
@@ -120,7 +120,7 @@ where
         return hand_to_hyper(gateway, Prefixed::new(Bytes::new(), io), client, handover).await;
     };
     let mut conn = Conn::new(io);
-    let mut draining = std::pin::pin!(handover.draining.clone().cancelled_owned());
+    let mut draining = std::pin::pin!(handover.draining.raised());
     loop {
         let request = match conn.next_request(lane, draining.as_mut()).await {
             Next::Request(request) => request,
@@ -133,7 +133,7 @@ where
         let keep_alive = gateway
             .serve_fast(lane, &mut conn, request, &client)
             .await?;
-        if !keep_alive || handover.draining.is_cancelled() {
+        if !keep_alive || handover.draining.is_raised() {
             return Ok(());
         }
     }
@@ -365,11 +365,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     /// Waits for the next request head and parses it, or decides it is hyper's.
-    async fn next_request(
-        &mut self,
-        lane: &FastLane,
-        mut draining: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
-    ) -> Next {
+    async fn next_request(&mut self, lane: &FastLane, mut draining: Pin<&mut Raised<'_>>) -> Next {
         // The header timeout also bounds how long a keep-alive connection may sit idle, as hyper's
         // does: a client that sends its head too slowly (slowloris) or never is cut off.
         let deadline = Instant::now() + lane.header_timeout;

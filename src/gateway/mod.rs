@@ -36,7 +36,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone, Default)]
 pub struct Tunnels {
     pub tracker: tokio_util::task::TaskTracker,
-    pub cut_off: tokio_util::sync::CancellationToken,
+    pub cut_off: Arc<crate::server::Signal>,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -471,7 +471,7 @@ impl Gateway {
                     copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                         tracing::debug!(?copied, "upgraded connection closed");
                     }
-                    () = cut_off.cancelled() => tracing::debug!("upgraded connection cut off at shutdown"),
+                    () = cut_off.raised() => tracing::debug!("upgraded connection cut off at shutdown"),
                 }
             }
             .in_current_span(),
