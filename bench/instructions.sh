@@ -8,6 +8,7 @@
 #   ROUTE=refused bash bench/instructions.sh BINARY   # a required route with a bad token (401)
 #   ROUTE=login bash bench/instructions.sh BINARY     # POST /auth/login of returning users, fresh codes
 #   REQUESTS=500 KEEP=out.callgrind bash bench/instructions.sh BINARY  # keep the profile
+#   ACCESS=1 bash bench/instructions.sh BINARY        # with the access log on (the default config)
 #
 # Each binary runs under callgrind with instrumentation off while it starts and logs a person in
 # (for the token); it is switched on for REQUESTS requests on one keep-alive connection and off
@@ -51,7 +52,8 @@ WECHAT=$(free_port)
 start_backend "$BACKEND" "$WORK"
 start_mock "$1" "$WECHAT"
 gate_config "$PORT" "$ADMIN" "$BACKEND" 1 "$WECHAT" >"$WORK/gate.toml"
-printf '[log]\naccess = false\n' >>"$WORK/gate.toml"
+# The access log is off, as in bench/versus.py; ACCESS=1 measures a request with its access line.
+[ -n "${ACCESS:-}" ] || printf '[log]\naccess = false\n' >>"$WORK/gate.toml"
 
 # instructions BINARY: callgrind's count for REQUESTS requests.
 instructions() {
