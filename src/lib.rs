@@ -32,7 +32,8 @@
 //! - [`session`]: sessions, tokens and the session store (memory);
 //! - [`proxy`]: header hygiene and the upstream client;
 //! - [`error`]: the one error type and its responses;
-//! - [`admin`], [`metrics`]: operators' endpoints and Prometheus metrics;
+//! - [`admin`], [`metrics`]: operators' endpoints and Prometheus metrics; [`logging`]: the log line's
+//!   timestamp and fields, written cheaply;
 //! - [`sample_backend`]: a recording echo backend for the demo, the tests and the benchmarks.
 
 #![forbid(unsafe_code)]
@@ -45,6 +46,7 @@ pub mod error;
 pub mod gateway;
 pub mod identity;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -1,0 +1,415 @@
+//! The parts of a text log line that run once per line, made cheap: with the access log on, every
+//! request writes one, and `tracing-subscriber`'s defaults spent half a public request's user-space
+//! instructions on it (styling calls that write nothing when colours are off, and a calendar
+//! computation per line).
+//!
+//! [`UtcMicros`] writes the same RFC 3339 timestamp as `tracing-subscriber`'s default, the date and
+//! time of day computed once a second. [`PlainFields`] writes fields exactly as the default does
+//! without colours (`name=value`, strings quoted and escaped as Rust's `Debug` does), and escapes
+//! control characters in messages, newlines included, so one event stays one line.
+
+use std::cell::Cell;
+use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::{FormatFields, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as `tracing_subscriber::fmt::time::SystemTime` writes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UtcMicros;
+
+thread_local! {
+    /// The second last written and its text, per thread: the calendar work runs once a second.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+impl FormatTime for UtcMicros {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        // A clock before 1970 is written as the epoch rather than refused.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        write_timestamp(w, now.as_secs(), now.subsec_micros())
+    }
+}
+
+fn write_timestamp(w: &mut impl fmt::Write, secs: u64, micros: u32) -> fmt::Result {
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        text = date_time(secs);
+        SECOND.set((secs, text));
+    }
+    let mut line = *b"0000-00-00T00:00:00.000000Z";
+    line[..19].copy_from_slice(&text);
+    let mut rest = micros.min(999_999);
+    for digit in line[20..26].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    w.write_str(std::str::from_utf8(&line).unwrap_or("?"))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for seconds since the epoch (years past 9999 are written as 9999's last
+/// second: no clock of this program's lifetime reads them).
+fn date_time(secs: u64) -> [u8; 19] {
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = secs.min(LAST);
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, of_day / 3600);
+    put(14, 2, of_day / 60 % 60);
+    put(17, 2, of_day % 60);
+    out
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's algorithm:
+/// 400-year eras, years starting in March so that the leap day comes last).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Fields as `tracing-subscriber` writes them without colours, without its styling calls.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainFields;
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'writer> {
+    writer: Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Writes the separator and `name=` (nothing for the message), or returns false for a field
+    /// not to be written: the `log` crate's metadata, already on the line.
+    fn start(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return false;
+        }
+        if !std::mem::take(&mut self.first) {
+            self.result = self.writer.write_char(' ');
+        }
+        if name != "message" {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self
+                .result
+                .and_then(|()| self.writer.write_str(name))
+                .and_then(|()| self.writer.write_char('='));
+        }
+        self.result.is_ok()
+    }
+
+    fn integer(&mut self, field: &Field, value: impl itoa::Integer) {
+        if self.start(field) {
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
+        }
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.integer(field, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.integer(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field) {
+            self.result = self.writer.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if !self.start(field) {
+            return;
+        }
+        self.result = if field.name() == "message" {
+            Escaped(&mut self.writer).write_str(value)
+        } else if value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            // What `Debug` writes for such a string, without walking it a character at a time.
+            self.writer
+                .write_char('"')
+                .and_then(|()| self.writer.write_str(value))
+                .and_then(|()| self.writer.write_char('"'))
+        } else {
+            write!(self.writer, "{value:?}")
+        };
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if !self.start(field) {
+            return;
+        }
+        let mut out = Escaped(&mut self.writer);
+        let mut result = write!(out, "{value}");
+        let mut source = value.source();
+        while let Some(error) = source {
+            result = result.and_then(|()| write!(out, ": {error}"));
+            source = error.source();
+        }
+        self.result = result;
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !self.start(field) {
+            return;
+        }
+        self.result = if field.name() == "message" {
+            write!(Escaped(&mut self.writer), "{value:?}")
+        } else {
+            write!(self.writer, "{value:?}")
+        };
+    }
+}
+
+/// Control characters written as `\u{..}` escapes (a newline too: one event, one line), as
+/// `tracing-subscriber` escapes terminal sequences in messages.
+struct Escaped<'a, 'writer>(&'a mut Writer<'writer>);
+
+impl fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(char::is_control) {
+            self.0.write_str(&rest[..at])?;
+            let control = rest[at..].chars().next().unwrap_or_default();
+            write!(self.0, "\\u{{{:x}}}", control as u32)?;
+            rest = &rest[at + control.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use proptest::prelude::*;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("store unavailable")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// The events wxgate writes, and the awkward values a client can put in them.
+    fn emit() {
+        let span =
+            tracing::info_span!("request", method = %"GET", request_id = "abc-123", path = "/a b");
+        let _entered = span.enter();
+        tracing::info!(
+            target: "wxgate::access",
+            method = %"POST",
+            path = "/public/x",
+            route = "public",
+            status = 200u16,
+            duration_us = 1234u64,
+            user_id = "-",
+            request_id = "0f1e2d3c-aaaa",
+        );
+        tracing::warn!(
+            path = "/quo\"te\\back",
+            unicode = "/路径/ü",
+            tab = "a\tb",
+            negative = -5i64,
+            flag = true,
+            "odd values"
+        );
+        tracing::info!(r#type = "raw", debug = ?Some(3), shown = %"display", "message with {} and {:?}", "args", "quoted");
+        tracing::error!(error = %"plain display", "no sources");
+    }
+
+    fn lines(plain: bool) -> String {
+        let out = Lines::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .without_time();
+        let dispatch = if plain {
+            tracing::Dispatch::new(builder.fmt_fields(PlainFields).finish())
+        } else {
+            tracing::Dispatch::new(builder.finish())
+        };
+        tracing::dispatcher::with_default(&dispatch, emit);
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn lines_are_the_ones_tracing_subscriber_writes_without_colours() {
+        let plain = lines(true);
+        assert_eq!(plain, lines(false));
+        assert!(
+            plain.contains(r#"wxgate::access: method=POST path="/public/x" route="public" status=200 duration_us=1234 user_id="-" request_id="0f1e2d3c-aaaa""#),
+            "{plain}"
+        );
+        assert!(
+            plain.contains(r#"request{method=GET request_id="abc-123" path="/a b"}"#),
+            "{plain}"
+        );
+    }
+
+    #[test]
+    fn messages_stay_on_one_line_and_free_of_terminal_sequences() {
+        let out = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(PlainFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let forged = "x\n2026-01-01T00:00:00Z  INFO forged\x1b[31m";
+            tracing::info!(value = forged, "got {}", forged);
+            tracing::info!(
+                error = &Outer(io::Error::other("refused\nagain"))
+                    as &(dyn std::error::Error + 'static)
+            );
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            text.contains(r"got x\u{a}2026-01-01T00:00:00Z  INFO forged\u{1b}[31m"),
+            "{text}"
+        );
+        assert!(text.contains(r#"value="x\n2026"#), "{text}");
+        assert!(
+            text.contains(r"error=store unavailable: refused\u{a}again"),
+            "{text}"
+        );
+    }
+
+    fn timestamp(secs: u64, micros: u32) -> String {
+        let mut out = String::new();
+        write_timestamp(&mut out, secs, micros).unwrap();
+        out
+    }
+
+    #[test]
+    fn timestamps_known_instants() {
+        assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(timestamp(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(
+            timestamp(1_796_187_973, 123_456),
+            "2026-12-02T05:06:13.123456Z"
+        );
+        // The cache must not keep a second's text for the next one.
+        assert_eq!(
+            timestamp(1_796_187_974, 999_999),
+            "2026-12-02T05:06:14.999999Z"
+        );
+        assert_eq!(timestamp(4_107_542_399, 0), "2100-02-28T23:59:59.000000Z");
+        assert_eq!(timestamp(u64::MAX, 0), "9999-12-31T23:59:59.000000Z");
+    }
+
+    #[test]
+    fn timestamps_match_tracing_subscribers_format_now() {
+        // The same instant can't be handed to both: retry across a second boundary.
+        for _ in 0..5 {
+            let mut theirs = String::new();
+            tracing_subscriber::fmt::time::SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            let mut ours = String::new();
+            UtcMicros.format_time(&mut Writer::new(&mut ours)).unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{ours} / {theirs}");
+            if ours[..19] == theirs[..19] {
+                assert_eq!(&ours[19..20], ".");
+                assert!(ours.ends_with('Z'));
+                return;
+            }
+        }
+        panic!("the seconds never agreed");
+    }
+
+    proptest! {
+        /// The date and time of day agree with httpdate's, for every second to year 9999.
+        #[test]
+        fn date_time_agrees_with_httpdate(secs in 0u64..253_402_300_800) {
+            let ours = String::from_utf8(date_time(secs).to_vec()).unwrap();
+            let http = httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+            // "Wed, 02 Dec 2026 06:26:13 GMT"
+            let parts: Vec<&str> = http.split(' ').collect();
+            let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+                .iter()
+                .position(|m| *m == parts[2])
+                .unwrap()
+                + 1;
+            let expected = format!("{}-{month:02}-{}T{}", parts[3], parts[1], parts[4]);
+            prop_assert_eq!(ours, expected);
+        }
+    }
+}
