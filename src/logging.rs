@@ -6,7 +6,8 @@
 //! [`UtcMicros`] writes the same RFC 3339 timestamp as `tracing-subscriber`'s default, the date and
 //! time of day computed once a second. [`PlainFields`] writes fields exactly as the default does
 //! without colours (`name=value`, strings quoted and escaped as Rust's `Debug` does), and escapes
-//! control characters in messages, newlines included, so one event stays one line.
+//! control characters in messages and in values shown with `%`, newlines included, so one event
+//! stays one line.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
@@ -198,11 +199,9 @@ impl Visit for PlainVisitor<'_> {
         if !self.start(field) {
             return;
         }
-        self.result = if field.name() == "message" {
-            write!(Escaped(&mut self.writer), "{value:?}")
-        } else {
-            write!(self.writer, "{value:?}")
-        };
+        // Values shown with `%` (Display) reach here unquoted: their control characters are
+        // escaped like a message's.
+        self.result = write!(Escaped(&mut self.writer), "{value:?}");
     }
 }
 
@@ -332,7 +331,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             let forged = "x\n2026-01-01T00:00:00Z  INFO forged\x1b[31m";
-            tracing::info!(value = forged, "got {}", forged);
+            tracing::info!(value = forged, shown = %forged, "got {}", forged);
             tracing::info!(
                 error = &Outer(io::Error::other("refused\nagain"))
                     as &(dyn std::error::Error + 'static)
@@ -346,6 +345,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"value="x\n2026"#), "{text}");
+        assert!(text.contains(r"shown=x\u{a}2026"), "{text}");
         assert!(
             text.contains(r"error=store unavailable: refused\u{a}again"),
             "{text}"
