@@ -7,7 +7,8 @@
 //! time of day computed once a second. [`PlainFields`] writes fields exactly as the default does
 //! without colours (`name=value`, strings quoted and escaped as Rust's `Debug` does), and escapes
 //! control characters in messages and in values shown with `%`, newlines included, so one event
-//! stays one line.
+//! stays one line. One difference: an error value with sources is written as one chain joined by
+//! `: ` rather than with a separate `.sources` list.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
