@@ -9,6 +9,7 @@
 #   ROUTE=login bash bench/instructions.sh BINARY     # POST /auth/login of returning users, fresh codes
 #   REQUESTS=500 KEEP=out.callgrind bash bench/instructions.sh BINARY  # keep the profile
 #   ACCESS=1 bash bench/instructions.sh BINARY        # with the access log on (the default config)
+#   ACCESS=1 FORMAT=json bash bench/instructions.sh BINARY  # ... as JSON lines
 #
 # Each binary runs under callgrind with instrumentation off while it starts and logs a person in
 # (for the token); it is switched on for REQUESTS requests on one keep-alive connection and off
@@ -53,7 +54,11 @@ start_backend "$BACKEND" "$WORK"
 start_mock "$1" "$WECHAT"
 gate_config "$PORT" "$ADMIN" "$BACKEND" 1 "$WECHAT" >"$WORK/gate.toml"
 # The access log is off, as in bench/versus.py; ACCESS=1 measures a request with its access line.
-[ -n "${ACCESS:-}" ] || printf '[log]\naccess = false\n' >>"$WORK/gate.toml"
+{
+  echo '[log]'
+  [ -n "${ACCESS:-}" ] || echo 'access = false'
+  echo "format = \"${FORMAT:-text}\""
+} >>"$WORK/gate.toml"
 
 # instructions BINARY: callgrind's count for REQUESTS requests.
 instructions() {
