@@ -97,7 +97,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// Fields as `tracing-subscriber` writes them without colours, without its styling calls.
+/// Fields as `tracing-subscriber` writes them without colours, without its styling calls (on a
+/// terminal too: the level and the target keep their colours, field names are plain).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlainFields;
 
