@@ -91,8 +91,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Held to the end: dropping it writes out the lines still queued.
-    let _log_writer = init_logging(&config.log);
+    // Held to the end: dropping it writes out the lines still waiting.
+    let _log_writer = match init_logging(&config.log) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("wxgate: cannot start the logging thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match config.server.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -117,17 +123,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Lines waiting for the logging thread; see `init_logging`.
-const LOG_QUEUE_LINES: usize = 4096;
-
 /// Logs to stderr as `[log]` says; `RUST_LOG`, when set, overrides `log.level`.
 ///
-/// Lines are written by a thread of their own, through a buffer flushed whenever no more lines are
-/// waiting: a request never waits on a write to stderr (one system call per line, on the thread
-/// that serves every connection, was a large part of an access-logged request), and under load
-/// many lines leave in one write. None is dropped: when the queue is full, a thread that logs waits
-/// for room.
-fn init_logging(log: &wxgate::config::LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+/// Lines are written by a thread of their own ([`wxgate::logging::LogSink`]), many to a write: a
+/// request never waits on stderr, and none is dropped.
+fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logging::SinkGuard> {
     use tracing_subscriber::EnvFilter;
     let mut filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
@@ -140,17 +140,7 @@ fn init_logging(log: &wxgate::config::LogConfig) -> tracing_appender::non_blocki
                 .expect("a valid static directive"),
         );
     }
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        // The queue is allocated whole at start: the default of 128,000 lines is 4 MB of idle
-        // memory. 4,096 lines are 0.1 s of access lines at 40,000 requests a second, and the
-        // thread drains them in batches far faster than requests arrive.
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(false)
-        .thread_name("wxgate-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = wxgate::logging::LogSink::start(std::io::stderr(), "wxgate-log")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(wxgate::logging::UtcMicros)
@@ -171,7 +161,7 @@ fn init_logging(log: &wxgate::config::LogConfig) -> tracing_appender::non_blocki
             .with_span_list(false)
             .init(),
     }
-    guard
+    Ok(guard)
 }
 
 /// `GET /readyz` on the admin listener (on loopback when it listens on every address).

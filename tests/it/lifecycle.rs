@@ -237,9 +237,23 @@ async fn sigterm_drains_an_in_flight_request_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));
-    let log: Vec<String> = rx.try_iter().collect();
+    // Every line up to the last, logged just before exit, was written out (lines leave through a
+    // thread that batches them).
+    let mut log = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => log.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("stderr still open: {log:#?}"),
+        }
+    }
     assert!(
         log.iter().any(|l| l.contains("SIGTERM received")),
+        "{log:#?}"
+    );
+    assert!(
+        log.last()
+            .is_some_and(|l| l.contains("all connections drained")),
         "{log:#?}"
     );
 }
