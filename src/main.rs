@@ -156,9 +156,7 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
         // request id, path) beside them.
         LogFormat::Json => builder
             .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .event_format(wxgate::logging::JsonLine)
             .init(),
     }
     Ok(guard)
