@@ -56,28 +56,6 @@ macro_rules! sql_identity_store {
     ($store:ty, $db:ty) => {
         type Conn = <$db as sqlx::Database>::Connection;
 
-        async fn user_of_unionid(
-            conn: &mut Conn,
-            unionid: &str,
-        ) -> Result<Option<String>, sqlx::Error> {
-            sqlx::query_scalar("SELECT user_id FROM unionids WHERE unionid = $1")
-                .bind(unionid)
-                .fetch_optional(conn)
-                .await
-        }
-
-        async fn user_of_openid(
-            conn: &mut Conn,
-            appid: &str,
-            openid: &str,
-        ) -> Result<Option<String>, sqlx::Error> {
-            sqlx::query_scalar("SELECT user_id FROM app_openids WHERE appid = $1 AND openid = $2")
-                .bind(appid)
-                .bind(openid)
-                .fetch_optional(conn)
-                .await
-        }
-
         async fn unionid_of_user(
             conn: &mut Conn,
             user_id: &str,
@@ -161,11 +139,18 @@ macro_rules! sql_identity_store {
             now: i64,
         ) -> Result<Resolved, sqlx::Error> {
             use $crate::identity::sql::{created, existing};
-            let by_unionid = match ids.unionid {
-                Some(unionid) => user_of_unionid(conn, unionid).await?,
-                None => None,
-            };
-            let by_openid = user_of_openid(conn, ids.appid, ids.openid).await?;
+            // Both holders in one statement (without a unionid, `unionid = NULL` matches nothing):
+            // on SQLite each statement is a hand-off to the connection's thread, and a new
+            // person's transaction is made of little else.
+            let (by_unionid, by_openid): (Option<String>, Option<String>) = sqlx::query_as(
+                "SELECT (SELECT user_id FROM unionids WHERE unionid = $1), \
+                        (SELECT user_id FROM app_openids WHERE appid = $2 AND openid = $3)",
+            )
+            .bind(ids.unionid)
+            .bind(ids.appid)
+            .bind(ids.openid)
+            .fetch_one(&mut *conn)
+            .await?;
             let resolved = match (ids.unionid, by_unionid, by_openid) {
                 (Some(_), Some(user), Some(holder)) if user == holder => existing(user),
                 (Some(_), Some(user), Some(holder)) => {
@@ -210,6 +195,10 @@ macro_rules! sql_identity_store {
                     created(user)
                 }
             };
+            if resolved.created {
+                // A user made a moment ago has no phone number yet.
+                return Ok(resolved);
+            }
             let phone: Option<String> =
                 sqlx::query_scalar("SELECT phone FROM users WHERE user_id = $1")
                     .bind(&resolved.user_id)
