@@ -92,9 +92,11 @@ for i in range(first, first + n):
         print("next")
 PY
     }
-    logins 0 100 >"$WORK/people"
+    # Codes are single use, and the mock serves every binary of the run: each binary gets codes of
+    # its own (numbered from RUN * 10^9), or the second would be counted failing logins of used codes.
+    logins $((RUN * 1000000000)) 100 >"$WORK/people"
     curl -s -K "$WORK/people"
-    logins 100 "$REQUESTS" >"$WORK/urls"
+    logins $((RUN * 1000000000 + 100)) "$REQUESTS" >"$WORK/urls"
   else
     { # A header in curl's config applies to every URL in it.
       printf 'header = "Authorization: Bearer %s"\n' "$token"
@@ -106,17 +108,28 @@ PY
   # One request first, outside the count: the connection to the backend is made on it.
   [ "$ROUTE" = login ] || curl -s -o /dev/null -H "Authorization: Bearer $token" "http://127.0.0.1:$PORT$REQUEST_PATH"
   callgrind_control -i on "$VALGRIND_PID" >/dev/null 2>&1
-  curl -s -K "$WORK/urls"
+  curl -s -w '%{http_code}\n' -K "$WORK/urls" >"$WORK/statuses"
   callgrind_control -i off "$VALGRIND_PID" >/dev/null 2>&1
   kill -INT "$VALGRIND_PID"
   wait "$VALGRIND_PID" || true
   VALGRIND_PID=
   [ -n "${KEEP:-}" ] && cp "$out" "$KEEP"
+  # A count of requests that failed is no count of the path meant.
+  local expect=200 wrong
+  [ "$ROUTE" = refused ] && expect=401
+  wrong=$(grep -cv "^$expect\$" "$WORK/statuses" || true)
+  if [ "$wrong" -ne 0 ]; then
+    echo "bench: $wrong of $REQUESTS requests did not answer $expect ($1): not counted" >&2
+    sort "$WORK/statuses" | uniq -c >&2
+    exit 1
+  fi
   awk '/^totals:/ { print $2 }' "$out"
 }
 
 printf '%-40s %14s\n' binary "instr/request ($ROUTE)"
+RUN=0
 for binary in "$@"; do
+  RUN=$((RUN + 1))
   total=$(instructions "$binary")
   printf '%-40s %14d\n' "$binary" $((total / REQUESTS))
 done
