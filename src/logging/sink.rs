@@ -12,8 +12,9 @@
 //!
 //! When the output is slower than the lines (a stalled pipe, a full disk behind it) and
 //! [`BACKLOG`] bytes are waiting, a thread that logs waits for the writer: lines are never dropped,
-//! and memory stays bounded. Dropping the [`SinkGuard`] writes out everything waiting and ends the
-//! thread; a line logged after that is lost.
+//! and memory stays bounded (between bursts, at most 256 KB of buffers is kept). Dropping
+//! the [`SinkGuard`] writes out everything waiting and ends the thread; a line logged after that is
+//! lost.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
