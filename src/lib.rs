@@ -32,8 +32,8 @@
 //! - [`session`]: sessions, tokens and the session store (memory);
 //! - [`proxy`]: header hygiene and the upstream client;
 //! - [`error`]: the one error type and its responses;
-//! - [`admin`], [`metrics`]: operators' endpoints and Prometheus metrics; [`logging`]: the log line's
-//!   timestamp and fields, written cheaply, and the thread that writes lines out in batches;
+//! - [`admin`], [`metrics`]: operators' endpoints and Prometheus metrics; [`logging`]: the log line,
+//!   text or JSON, written cheaply, and the thread that writes lines out in batches;
 //! - [`sample_backend`]: a recording echo backend for the demo, the tests and the benchmarks.
 
 #![forbid(unsafe_code)]
