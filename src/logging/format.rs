@@ -228,59 +228,17 @@ impl fmt::Write for Escaped<'_, '_> {
 mod tests {
     use super::*;
     use std::io;
-    use std::sync::{Arc, Mutex};
 
     use proptest::prelude::*;
-    use tracing_subscriber::fmt::MakeWriter;
 
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
-
-    #[derive(Debug)]
-    struct Outer(std::io::Error);
-    impl fmt::Display for Outer {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("store unavailable")
-        }
-    }
-    impl std::error::Error for Outer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
+    use crate::logging::{Captured, Chained, access_line};
 
     /// The events wxgate writes, and the awkward values a client can put in them.
     fn emit() {
         let span =
             tracing::info_span!("request", method = %"GET", request_id = "abc-123", path = "/a b");
         let _entered = span.enter();
-        tracing::info!(
-            target: "wxgate::access",
-            method = %"POST",
-            path = "/public/x",
-            route = "public",
-            status = 200u16,
-            duration_us = 1234u64,
-            user_id = "-",
-            request_id = "0f1e2d3c-aaaa",
-        );
+        access_line("/public/x");
         tracing::warn!(
             path = "/quo\"te\\back",
             unicode = "/路径/ü",
@@ -294,7 +252,7 @@ mod tests {
     }
 
     fn lines(plain: bool) -> String {
-        let out = Lines::default();
+        let out = Captured::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(out.clone())
             .with_ansi(false)
@@ -305,7 +263,7 @@ mod tests {
             tracing::Dispatch::new(builder.finish())
         };
         tracing::dispatcher::with_default(&dispatch, emit);
-        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+        out.text()
     }
 
     #[test]
@@ -324,7 +282,7 @@ mod tests {
 
     #[test]
     fn messages_stay_on_one_line_and_free_of_terminal_sequences() {
-        let out = Lines::default();
+        let out = Captured::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(out.clone())
             .with_ansi(false)
@@ -335,11 +293,13 @@ mod tests {
             let forged = "x\n2026-01-01T00:00:00Z  INFO forged\x1b[31m";
             tracing::info!(value = forged, shown = %forged, "got {}", forged);
             tracing::info!(
-                error = &Outer(io::Error::other("refused\nagain"))
-                    as &(dyn std::error::Error + 'static)
+                error = &Chained {
+                    message: "store unavailable",
+                    source: io::Error::other("refused\nagain"),
+                } as &(dyn std::error::Error + 'static)
             );
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(!text.contains('\x1b'), "{text}");
         assert!(

@@ -205,45 +205,16 @@ impl fmt::Write for Escaped<'_, '_> {
 mod tests {
     use super::*;
     use std::io;
-    use std::sync::{Arc, Mutex};
 
     use proptest::prelude::*;
-    use tracing_subscriber::fmt::MakeWriter;
 
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
+    use crate::logging::{Captured, Chained, access_line};
 
     /// The events wxgate writes, and awkward values a client can put in them.
     fn emit(path: &str) {
         let span = tracing::info_span!("request", method = %"GET", request_id = "abc-123", path);
         let _entered = span.enter();
-        tracing::info!(
-            target: "wxgate::access",
-            method = %"POST",
-            path,
-            route = "public",
-            status = 200u16,
-            duration_us = 1234u64,
-            user_id = "-",
-            request_id = "0f1e2d3c-aaaa",
-        );
+        access_line(path);
         tracing::warn!(
             path,
             unicode = "/路径/ü\u{7f}",
@@ -263,7 +234,7 @@ mod tests {
 
     /// What `make` writes for `emit(path)`, each line's timestamp replaced by a placeholder.
     fn lines(json_line: bool, path: &str) -> Vec<String> {
-        let out = Lines::default();
+        let out = Captured::default();
         let builder = tracing_subscriber::fmt().with_writer(out.clone()).json();
         let subscriber: Box<dyn Subscriber + Send + Sync> = if json_line {
             Box::new(builder.event_format(JsonLine).finish())
@@ -277,7 +248,7 @@ mod tests {
             )
         };
         tracing::subscriber::with_default(subscriber, || emit(path));
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         text.lines()
             .map(|line| {
                 let rest = line
@@ -321,35 +292,23 @@ mod tests {
 
     #[test]
     fn errors_are_written_with_their_sources() {
-        #[derive(Debug)]
-        struct Outer(io::Error);
-        impl fmt::Display for Outer {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("store \"down\"")
-            }
-        }
-        impl std::error::Error for Outer {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let out = Lines::default();
+        let out = Captured::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(out.clone())
             .json()
             .event_format(JsonLine)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let error = Outer(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "refused\n",
-            ));
+            let error = Chained {
+                message: "store \"down\"",
+                source: io::Error::new(io::ErrorKind::ConnectionRefused, "refused\n"),
+            };
             tracing::error!(
                 error = &error as &(dyn std::error::Error + 'static),
                 "login failed"
             );
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(value["error"], "store \"down\": refused\n");
         assert_eq!(value["message"], "login failed");
