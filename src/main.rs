@@ -155,7 +155,7 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
         // One JSON object per line: the event's fields at the top level, the request span (method,
         // request id, path) beside them.
         LogFormat::Json => builder
-            .json()
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(wxgate::logging::JsonLine)
             .init(),
     }

@@ -187,14 +187,7 @@ impl Visit for PlainVisitor<'_> {
         if !self.start(field) {
             return;
         }
-        let mut out = Escaped(&mut self.writer);
-        let mut result = write!(out, "{value}");
-        let mut source = value.source();
-        while let Some(error) = source {
-            result = result.and_then(|()| write!(out, ": {error}"));
-            source = error.source();
-        }
-        self.result = result;
+        self.result = super::write_error_chain(&mut Escaped(&mut self.writer), value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -231,7 +224,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::logging::{Captured, Chained, access_line};
+    use crate::logging::fixtures::{Captured, Chained, access_line};
 
     /// The events wxgate writes, and the awkward values a client can put in them.
     fn emit() {

@@ -107,13 +107,13 @@ impl Visit for JsonVisitor<'_, '_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.key(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.key(field) {
-            self.result = write!(self.writer, "{value}");
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
@@ -134,17 +134,11 @@ impl Visit for JsonVisitor<'_, '_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.key(field) {
-            self.result = (|| {
-                self.writer.write_char('"')?;
-                let mut out = Escaped(&mut *self.writer);
-                write!(out, "{value}")?;
-                let mut source = value.source();
-                while let Some(error) = source {
-                    write!(out, ": {error}")?;
-                    source = error.source();
-                }
-                self.writer.write_char('"')
-            })();
+            self.result = self
+                .writer
+                .write_char('"')
+                .and_then(|()| super::write_error_chain(&mut Escaped(&mut *self.writer), value))
+                .and_then(|()| self.writer.write_char('"'));
         }
     }
 
@@ -208,7 +202,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::logging::{Captured, Chained, access_line};
+    use crate::logging::fixtures::{Captured, Chained, access_line};
 
     /// The events wxgate writes, and awkward values a client can put in them.
     fn emit(path: &str) {
@@ -232,15 +226,22 @@ mod tests {
         tracing::error!(error = %"plain display", "a span without fields");
     }
 
-    /// What `make` writes for `emit(path)`, each line's timestamp replaced by a placeholder.
+    /// What wxgate's JSON subscriber (`json_line`) or `tracing-subscriber`'s JSON format writes for
+    /// `emit(path)`, each line's timestamp replaced by a placeholder.
     fn lines(json_line: bool, path: &str) -> Vec<String> {
         let out = Captured::default();
-        let builder = tracing_subscriber::fmt().with_writer(out.clone()).json();
+        let builder = tracing_subscriber::fmt().with_writer(out.clone());
         let subscriber: Box<dyn Subscriber + Send + Sync> = if json_line {
-            Box::new(builder.event_format(JsonLine).finish())
+            Box::new(
+                builder
+                    .fmt_fields(JsonFields::new())
+                    .event_format(JsonLine)
+                    .finish(),
+            )
         } else {
             Box::new(
                 builder
+                    .json()
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
@@ -295,7 +296,7 @@ mod tests {
         let out = Captured::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(out.clone())
-            .json()
+            .fmt_fields(JsonFields::new())
             .event_format(JsonLine)
             .finish();
         tracing::subscriber::with_default(subscriber, || {

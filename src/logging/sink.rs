@@ -256,6 +256,14 @@ mod tests {
         }
     }
 
+    /// A sink writing to a new recorder, with these limits.
+    fn started(linger: Duration, early: usize, backlog: usize) -> (Recorder, LogSink, SinkGuard) {
+        let out = Recorder::default();
+        let (sink, guard) =
+            LogSink::start_with(out.clone(), "test-log", linger, early, backlog).unwrap();
+        (out, sink, guard)
+    }
+
     fn log(sink: &LogSink, line: &str) {
         let mut writer = sink.make_writer();
         writer.write_all(line.as_bytes()).unwrap();
@@ -309,15 +317,7 @@ mod tests {
 
     #[test]
     fn lines_logged_together_leave_in_one_write() {
-        let out = Recorder::default();
-        let (sink, guard) = LogSink::start_with(
-            out.clone(),
-            "test-log",
-            Duration::from_millis(300),
-            EARLY,
-            BACKLOG,
-        )
-        .unwrap();
+        let (out, sink, guard) = started(Duration::from_millis(300), EARLY, BACKLOG);
         for i in 0..200 {
             log(&sink, &format!("line {i}\n"));
         }
@@ -350,15 +350,7 @@ mod tests {
 
     #[test]
     fn a_full_batch_is_written_without_waiting_out_the_linger() {
-        let out = Recorder::default();
-        let (sink, _guard) = LogSink::start_with(
-            out.clone(),
-            "test-log",
-            Duration::from_secs(3600),
-            1000,
-            BACKLOG,
-        )
-        .unwrap();
+        let (out, sink, _guard) = started(Duration::from_secs(3600), 1000, BACKLOG);
         log(&sink, "small\n");
         wait_for("the writer to linger", Duration::from_secs(10), || {
             sink.shared.lock().writer == Writer::Lingering
@@ -371,15 +363,7 @@ mod tests {
 
     #[test]
     fn dropping_the_guard_writes_what_is_lingering() {
-        let out = Recorder::default();
-        let (sink, guard) = LogSink::start_with(
-            out.clone(),
-            "test-log",
-            Duration::from_secs(3600),
-            EARLY,
-            BACKLOG,
-        )
-        .unwrap();
+        let (out, sink, guard) = started(Duration::from_secs(3600), EARLY, BACKLOG);
         log(&sink, "last words\n");
         drop(guard);
         assert_eq!(out.text(), "last words\n");
@@ -387,10 +371,7 @@ mod tests {
 
     #[test]
     fn a_stalled_output_holds_back_threads_that_log_and_loses_nothing() {
-        let out = Recorder::default();
-        let (sink, guard) =
-            LogSink::start_with(out.clone(), "test-log", Duration::from_millis(1), 100, 1000)
-                .unwrap();
+        let (out, sink, guard) = started(Duration::from_millis(1), 100, 1000);
         let stalled = out.gate.lock().unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         let logger = std::thread::spawn({
