@@ -6,14 +6,19 @@
 //!     cargo bench --bench sessions_memory            # 1,000,000 sessions
 //!     SESSIONS=100000 cargo bench --bench sessions_memory
 //!
+//! A third figure is the other state a login leaves: its code's answer, which the one-code-one-exchange
+//! guard keeps for the code's life, in a table of the 200,000 codes posted most recently.
+//!
 //! Each session is of a different person with a realistic shape: an internal user_id
 //! (`u_` + 32 hex), a 28-character openid and unionid, no phone number, never refreshed. A second
 //! figure adds 16 refreshes to every session (the most used refresh tokens a session remembers).
 
+use wxgate::auth::login::{CODE_LIFETIME, CodeExchanges, GUARDED_CODES};
 use wxgate::config::Secret;
 use wxgate::session::memory::MemoryStore;
 use wxgate::session::token::{SessionId, new_refresh_token};
 use wxgate::session::{REMEMBERED_REFRESH_TOKENS, Session, SessionApp, SessionIds, SessionStore};
+use wxgate::wechat::client::CodeSession;
 
 /// The allocator the binary uses (src/main.rs), so the bytes are the ones wxgate would use.
 #[global_allocator]
@@ -107,6 +112,28 @@ fn main() {
             store.count(),
             Some(count as u64),
             "every session is still there"
+        );
+
+        // A full guard: as many codes as it holds, each answered with a session_key for a person
+        // with an openid and a unionid.
+        let guard = CodeExchanges::new(CODE_LIFETIME);
+        let codes: Vec<String> = (0..GUARDED_CODES).map(|i| format!("{i:032}")).collect();
+        let before = rss_bytes();
+        for (i, code) in codes.iter().enumerate() {
+            let answer = CodeSession {
+                openid: id28('o', i),
+                session_key: key.clone(),
+                unionid: Some(id28('U', i)),
+            };
+            guard
+                .exchange(&app.appid, code, async { Ok(answer) })
+                .await
+                .expect("an answer");
+        }
+        let guarded = rss_bytes();
+        println!(
+            "{GUARDED_CODES} codes' answers in the exchange guard: {} bytes per code",
+            (guarded - before) / GUARDED_CODES as u64
         );
     });
 }

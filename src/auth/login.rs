@@ -5,11 +5,15 @@
 //! (5 minutes) — concurrent or later — gets that same answer, success or error, without a second call.
 //! A code is never sent to WeChat again after WeChat answered.
 
+use std::hash::RandomState;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use hashlink::LinkedHashMap;
 use http::Response;
-use moka::future::Cache;
 use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use super::open_data;
 use super::service::{App, AuthService, LOGIN_EXPECTED, LoginRequest, NewSession};
@@ -23,14 +27,30 @@ use crate::wechat::client::{CodeSession, OauthGrant, WechatError};
 /// How long an exchange's answer is kept: the life of a `wx.login()` code.
 pub const CODE_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
+/// How many codes one instance guards at once. Each costs a few hundred bytes; past this, the
+/// codes first presented longest ago lose their retry protection first (the newest are the ones a
+/// client may still retry).
+pub const GUARDED_CODES: usize = 200_000;
+
+type Answer<T> = Result<T, WechatError>;
+
 /// WeChat's answers per single-use code (a `wx.login()` code, an OAuth code), kept for the code's
 /// life and keyed by a hash of (appid, code) so no code is kept in memory. With Redis
 /// ([`CodeExchanges::shared`]) the guard spans every instance: a retry that lands on another instance
 /// gets the same answer, and the code still goes to WeChat once.
 pub struct CodeExchanges<T> {
-    answers: Cache<[u8; 32], Result<T, WechatError>>,
+    /// Codes in the order they were first presented. Every code is kept for the same lifetime, so
+    /// the oldest is always the next to expire: expiry only ever looks at the front.
+    exchanges: Mutex<LinkedHashMap<[u8; 32], Exchange<T>, RandomState>>,
     lifetime: Duration,
+    capacity: usize,
     shared: Option<SharedExchanges>,
+}
+
+/// One code's exchange: empty while WeChat is being asked, then WeChat's answer.
+struct Exchange<T> {
+    first_presented: Instant,
+    answer: Arc<OnceCell<Answer<T>>>,
 }
 
 struct SharedExchanges {
@@ -183,14 +203,14 @@ impl SharedExchanges {
 impl<T: Shareable + Clone + Send + Sync + 'static> CodeExchanges<T> {
     /// Answers kept for `lifetime`, the longest the code could still be presented.
     pub fn new(lifetime: Duration) -> Self {
+        Self::guarding(lifetime, GUARDED_CODES)
+    }
+
+    fn guarding(lifetime: Duration, capacity: usize) -> Self {
         CodeExchanges {
-            answers: Cache::builder()
-                // Each answer is a few hundred bytes; past this, the oldest codes lose only their
-                // retry protection.
-                .max_capacity(200_000)
-                .time_to_live(lifetime)
-                .build(),
+            exchanges: Mutex::new(LinkedHashMap::with_hasher(RandomState::new())),
             lifetime,
+            capacity,
             shared: None,
         }
     }
@@ -209,28 +229,64 @@ impl<T: Shareable + Clone + Send + Sync + 'static> CodeExchanges<T> {
         &self,
         appid: &str,
         code: &str,
-        ask: impl Future<Output = Result<T, WechatError>>,
+        ask: impl Future<Output = Answer<T>>,
     ) -> Result<T, Error> {
         let mut hasher = Sha256::new();
         hasher.update(appid.as_bytes());
         hasher.update([0]);
         hasher.update(code.as_bytes());
         let key: [u8; 32] = hasher.finalize().into();
-        // moka runs one `init` per key and hands its value to every concurrent caller (single flight),
-        // then keeps it for the code's lifetime. A Redis failure is not kept: a retry asks again.
-        // moka's futures are tens of kilobytes: boxed here, they are built once on the heap instead
-        // of being carried (and copied) inside every future that awaits a login.
+        let answer = self.answer_for(key);
+        // The first caller runs its `ask`; every other one waits for that answer. If the first is
+        // dropped (its client went away), a waiting caller runs its own `ask` in its place, so a
+        // code is never left waiting for an answer nobody is fetching. A Redis failure is not
+        // kept: a retry asks again. The waits are boxed: holding a WeChat call, they are large, and
+        // built once on the heap they are not copied along with every future that awaits a login.
         let answer = match &self.shared {
-            None => Ok(Box::pin(self.answers.get_with(key, ask)).await),
+            None => Ok(Box::pin(answer.get_or_init(|| ask)).await),
             Some(shared) => {
-                let ask = Box::pin(shared.exchange(&key, self.lifetime, ask));
-                Box::pin(self.answers.try_get_with(key, ask)).await
+                let ask = || shared.exchange(&key, self.lifetime, ask);
+                Box::pin(answer.get_or_try_init(ask)).await
             }
         };
         match answer {
-            Ok(answer) => answer.map_err(login_error),
-            Err(failure) => Err(Error::AuthUnavailable(failure.to_string().into())),
+            Ok(answer) => answer.clone().map_err(login_error),
+            Err(failure) => Err(Error::AuthUnavailable(failure.into())),
         }
+    }
+
+    /// The exchange of the code hashed to `key`: the one under way or done, or a new one. Forgets
+    /// the codes whose lifetime is over, and the oldest code when the guard is full.
+    fn answer_for(&self, key: [u8; 32]) -> Arc<OnceCell<Answer<T>>> {
+        let now = Instant::now();
+        let mut exchanges = self
+            .exchanges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while let Some((_, oldest)) = exchanges.front() {
+            if now.duration_since(oldest.first_presented) < self.lifetime {
+                break;
+            }
+            exchanges.pop_front();
+        }
+        if let Some(exchange) = exchanges.get(&key) {
+            return exchange.answer.clone();
+        }
+        if exchanges.len() >= self.capacity {
+            exchanges.pop_front();
+        }
+        let answer = Arc::new(OnceCell::new());
+        let exchange = Exchange {
+            first_presented: now,
+            answer: answer.clone(),
+        };
+        exchanges.insert(key, exchange);
+        answer
+    }
+
+    #[cfg(test)]
+    fn guarded(&self) -> usize {
+        self.exchanges.lock().unwrap().len()
     }
 }
 
@@ -335,7 +391,139 @@ impl AuthService {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    fn session(openid: &str) -> CodeSession {
+        CodeSession {
+            openid: openid.to_owned(),
+            session_key: Secret::new("tiihtNczf5v6AKRyjwEUhQ=="),
+            unionid: None,
+        }
+    }
+
+    /// A WeChat call that counts itself in `asks` and answers `answer` after `delay`.
+    async fn wechat(
+        asks: &AtomicUsize,
+        answer: Answer<CodeSession>,
+        delay: Duration,
+    ) -> Answer<CodeSession> {
+        asks.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        answer
+    }
+
+    fn openid(answer: Result<CodeSession, Error>) -> String {
+        answer.expect("an answer").openid
+    }
+
+    const CALL: Duration = Duration::from_millis(100);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_posted_at_once_and_later_is_exchanged_once() {
+        let guard = CodeExchanges::new(CODE_LIFETIME);
+        let asks = AtomicUsize::new(0);
+        let posts = (0..10).map(|i| {
+            let me = format!("o{i}");
+            let asks = &asks;
+            let guard = &guard;
+            async move {
+                guard
+                    .exchange("wxa", "c1", wechat(asks, Ok(session(&me)), CALL))
+                    .await
+            }
+        });
+        let answers = futures_util::future::join_all(posts).await;
+        assert_eq!(asks.load(Ordering::SeqCst), 1);
+        assert!(answers.into_iter().map(openid).all(|o| o == "o0"));
+
+        tokio::time::advance(CODE_LIFETIME - Duration::from_secs(1)).await;
+        let later = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("x")), CALL));
+        assert_eq!(openid(later.await), "o0");
+        assert_eq!(asks.load(Ordering::SeqCst), 1);
+
+        // The same code of another app is another code.
+        let other = guard.exchange("wxb", "c1", wechat(&asks, Ok(session("b")), CALL));
+        assert_eq!(openid(other.await), "b");
+        assert_eq!(asks.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_code_keeps_its_refusal() {
+        let guard = CodeExchanges::new(CODE_LIFETIME);
+        let asks = AtomicUsize::new(0);
+        for _ in 0..2 {
+            let refused = Err(WechatError::Api { errcode: 40029 });
+            let answer = guard
+                .exchange("wxa", "c1", wechat(&asks, refused, CALL))
+                .await;
+            assert_eq!(answer.unwrap_err().code(), "invalid_code");
+        }
+        assert_eq!(asks.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_is_forgotten_when_its_lifetime_is_over() {
+        let guard = CodeExchanges::new(CODE_LIFETIME);
+        let asks = AtomicUsize::new(0);
+        guard
+            .exchange("wxa", "c1", wechat(&asks, Ok(session("a")), CALL))
+            .await
+            .unwrap();
+        tokio::time::advance(CODE_LIFETIME).await;
+        guard
+            .exchange("wxa", "c2", wechat(&asks, Ok(session("b")), CALL))
+            .await
+            .unwrap();
+        assert_eq!(guard.guarded(), 1, "c1's answer is no longer held");
+        let again = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("c")), CALL));
+        assert_eq!(openid(again.await), "c");
+        assert_eq!(asks.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_full_the_code_presented_first_loses_its_guard_first() {
+        let guard = CodeExchanges::guarding(CODE_LIFETIME, 3);
+        let asks = AtomicUsize::new(0);
+        for code in ["c1", "c2", "c3", "c4"] {
+            let answer = guard.exchange("wxa", code, wechat(&asks, Ok(session(code)), CALL));
+            answer.await.unwrap();
+        }
+        assert_eq!(guard.guarded(), 3);
+        for code in ["c2", "c3", "c4"] {
+            let answer = guard.exchange("wxa", code, wechat(&asks, Ok(session("x")), CALL));
+            assert_eq!(openid(answer.await), code);
+        }
+        assert_eq!(asks.load(Ordering::SeqCst), 4);
+        let answer = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("x")), CALL));
+        assert_eq!(openid(answer.await), "x");
+        assert_eq!(asks.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_exchange_hands_the_code_to_a_waiting_caller() {
+        let guard = CodeExchanges::new(CODE_LIFETIME);
+        let asks = AtomicUsize::new(0);
+        let hour = Duration::from_secs(3600);
+        // The first caller's client goes away (a timeout here) while WeChat is being asked.
+        let first = tokio::time::timeout(
+            CALL,
+            guard.exchange("wxa", "c1", wechat(&asks, Ok(session("a")), hour)),
+        );
+        let second = async {
+            tokio::time::sleep(CALL / 2).await;
+            guard
+                .exchange("wxa", "c1", wechat(&asks, Ok(session("b")), CALL))
+                .await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(first.is_err(), "the first caller gave up");
+        assert_eq!(openid(second), "b");
+        let later = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("c")), CALL));
+        assert_eq!(openid(later.await), "b");
+        assert_eq!(asks.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn codes_are_plausible_before_wechat_is_asked() {
