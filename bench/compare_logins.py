@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""A/B of logins: two wxgate binaries behind one WeChat stand-in, runs interleaved.
+
+    python3 bench/compare_logins.py OLD_BINARY NEW_BINARY                  # fixed answer, c=64, 8 rounds
+    python3 bench/compare_logins.py OLD NEW --connections 500 --delay 0.05  # WeChat after 50 ms
+
+The host's speed drifts by a factor of two within an hour, so one versus.py run against another says
+little about a change to the login path. Here both builds run at once, each with `workers = 1` and
+its own SQLite file, behind the same nginx stand-in for `jscode2session` (versus.py's), and each round
+runs `bench/login.lua` against one and then the other (the order alternates), after a discarded
+warm-up. Prints every run and the medians: logins/s, wxgate's CPU per login, p99.
+"""
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import versus  # noqa: E402  (the benchmark's services, configs and wrk runner)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("old")
+    parser.add_argument("new")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", default="8s")
+    parser.add_argument("--delay", help="seconds WeChat takes to answer, e.g. 0.05 (default: at once)")
+    args = parser.parse_args()
+    versus.ARGS = argparse.Namespace(smoke=False)
+    versus.need_tools()
+    versus.WORK = Path(tempfile.mkdtemp(prefix="wxgate-compare-logins-"))
+    services = []
+    try:
+        wechat = versus.free_port()
+        modules = [str(versus.ECHO_MODULE)] if args.delay else []
+        conf = versus.nginx_conf("wechat", 1, versus.wechat_block(wechat, delay=args.delay), modules)
+        services.append(versus.Service("wechat", conf, ready_port=wechat))
+        gates = []
+        for side, binary in (("old", args.old), ("new", args.new)):
+            port, admin = versus.free_port(), versus.free_port()
+            conf = versus.wxgate_conf(f"wxgate-{side}", port, admin, 9, 1, wechat)
+            gate = versus.Service(f"wxgate-{side}", [str(Path(binary).resolve()), "--config", str(conf)],
+                                  ready_url=f"http://127.0.0.1:{admin}/readyz")
+            services.append(gate)
+            versus.login_token(port)  # correctness: a login through this stand-in works
+            gates.append((side, gate, f"http://127.0.0.1:{port}"))
+        script = versus.WORK / "login.lua"
+        script.write_text((versus.ROOT / "bench/login.lua").read_text()
+                          + (versus.ROOT / "bench/stats.lua").read_text())
+        runs = {"old": [], "new": []}
+        for round_ in range(args.rounds):
+            for side, gate, url in gates if round_ % 2 == 0 else gates[::-1]:
+                versus.wrk(url, args.connections, 2, "2s", {}, script=script)
+                before = versus.cpu_seconds(gate.pids())
+                stats = versus.wrk(url, args.connections, 2, args.duration, {}, script=script)
+                cpu = (versus.cpu_seconds(gate.pids()) - before) / stats["requests"] * 1e6
+                errors = sum(stats[k] for k in ("connect", "read", "write", "timeout", "status"))
+                runs[side].append((stats["rps"], cpu, stats["p99"]))
+                print(f"round {round_ + 1} {side}: {stats['rps']:,.0f} logins/s, {cpu:.1f} µs CPU "
+                      f"each, p99 {stats['p99'] / 1000:.1f} ms, {errors} errors", flush=True)
+                if errors:
+                    versus.fail(f"{side}: {errors} logins failed")
+        for side, _, _ in gates:
+            rps, cpu, p99 = (statistics.median(r[i] for r in runs[side]) for i in range(3))
+            print(f"{side}: median {rps:,.0f} logins/s, {cpu:.1f} µs CPU per login, p99 {p99 / 1000:.1f} ms")
+    finally:
+        for service in services:
+            service.stop()
+        shutil.rmtree(versus.WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
