@@ -146,11 +146,16 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
         .with_timer(wxgate::logging::UtcMicros)
         .with_writer(writer);
     match log.format {
-        // Fields written for a fraction of the default's cost (with the access log on, a line per
-        // request) and with control characters escaped; on a terminal, level and target in colour.
+        // Lines written for a fraction of the default format's cost (with the access log on, a
+        // line per request) and with control characters escaped; on a terminal, the default
+        // format itself, for its colours.
+        LogFormat::Text if std::io::stderr().is_terminal() => {
+            builder.fmt_fields(wxgate::logging::PlainFields).init()
+        }
         LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(false)
             .fmt_fields(wxgate::logging::PlainFields)
+            .event_format(wxgate::logging::TextLine)
             .init(),
         // One JSON object per line: the event's fields at the top level, the request span (method,
         // request id, path) beside them.

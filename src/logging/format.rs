@@ -8,16 +8,20 @@
 //! without colours (`name=value`, strings quoted and escaped as Rust's `Debug` does), and escapes
 //! control characters in messages and in values shown with `%`, newlines included, so one event
 //! stays one line. One difference: an error value with sources is written as one chain joined by
-//! `: ` rather than with a separate `.sources` list.
+//! `: ` rather than with a separate `.sources` list. [`TextLine`] writes the whole line as the
+//! default format does without colours, without the styling calls it makes even then.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{FormatFields, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as `tracing_subscriber::fmt::time::SystemTime` writes it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,6 +99,58 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// `<timestamp> <level> <span>{<its fields>}:... <target>: <fields>`, byte for byte the line of
+/// `tracing-subscriber`'s default format with colours off, [`UtcMicros`] and [`PlainFields`]. That
+/// format runs every piece of the line through a styling call that writes nothing when colours are
+/// off; on a terminal, where colours are on, wxgate uses it as it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TextLine;
+
+impl<S> FormatEvent<S, PlainFields> for TextLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, PlainFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        UtcMicros.format_time(&mut writer)?;
+        writer.write_str(match *meta.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
+            for span in scope.from_root() {
+                writer.write_str(span.name())?;
+                seen = true;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<PlainFields>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char('{')?;
+                    writer.write_str(fields)?;
+                    writer.write_char('}')?;
+                }
+                writer.write_char(':')?;
+            }
+            if seen {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
 }
 
 /// Fields as `tracing-subscriber` writes them without colours, without its styling calls (on a
@@ -271,6 +327,58 @@ mod tests {
             plain.contains(r#"request{method=GET request_id="abc-123" path="/a b"}"#),
             "{plain}"
         );
+    }
+
+    /// Every level, events in no span, in nested spans and in a span without fields, with
+    /// timestamps replaced by `T`.
+    fn whole_lines(ours: bool) -> String {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .with_max_level(Level::TRACE)
+            .with_timer(UtcMicros)
+            .fmt_fields(PlainFields);
+        let dispatch = if ours {
+            tracing::Dispatch::new(builder.event_format(TextLine).finish())
+        } else {
+            tracing::Dispatch::new(builder.finish())
+        };
+        tracing::dispatcher::with_default(&dispatch, || {
+            emit();
+            tracing::trace!(n = 1, "trace");
+            tracing::debug!("debug");
+            tracing::info!("info");
+            tracing::warn!("warn");
+            tracing::error!("error");
+            let _outer = tracing::info_span!("outer").entered();
+            let _inner = tracing::debug_span!("inner", n = 2, s = "a b").entered();
+            tracing::info!(x = 3, "nested");
+            tracing::info!(target: "elsewhere", "another target");
+        });
+        out.text()
+            .lines()
+            .map(|line| {
+                assert!(line.len() > 27 && line.as_bytes()[26] == b'Z', "{line}");
+                format!("T{}\n", &line[27..])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn whole_text_lines_are_the_ones_tracing_subscriber_writes_without_colours() {
+        let ours = whole_lines(true);
+        assert_eq!(ours, whole_lines(false));
+        assert_eq!(ours.lines().count(), 11, "{ours}");
+        for expected in [
+            "T TRACE wxgate::logging::format::tests: trace n=1\n",
+            "T  INFO wxgate::logging::format::tests: info\n",
+            "T ERROR wxgate::logging::format::tests: error\n",
+            "T  INFO outer:inner{n=2 s=\"a b\"}: wxgate::logging::format::tests: nested x=3\n",
+            "T  INFO outer:inner{n=2 s=\"a b\"}: elsewhere: another target\n",
+        ] {
+            assert!(ours.contains(expected), "{expected:?} in\n{ours}");
+        }
     }
 
     #[test]
