@@ -153,7 +153,6 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
             builder.fmt_fields(wxgate::logging::PlainFields).init()
         }
         LogFormat::Text => builder
-            .with_ansi(false)
             .fmt_fields(wxgate::logging::PlainFields)
             .event_format(wxgate::logging::TextLine)
             .init(),

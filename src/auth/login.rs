@@ -415,39 +415,47 @@ mod tests {
         answer
     }
 
-    fn openid(answer: Result<CodeSession, Error>) -> String {
-        answer.expect("an answer").openid
+    const CALL: Duration = Duration::from_millis(100);
+
+    /// Posts `code` of app `appid` and returns the openid it was answered with; WeChat, if asked,
+    /// names the person `openid` after [`CALL`].
+    async fn post(
+        guard: &CodeExchanges<CodeSession>,
+        asks: &AtomicUsize,
+        (appid, code): (&str, &str),
+        openid: &str,
+    ) -> String {
+        let ask = wechat(asks, Ok(session(openid)), CALL);
+        guard
+            .exchange(appid, code, ask)
+            .await
+            .expect("an answer")
+            .openid
     }
 
-    const CALL: Duration = Duration::from_millis(100);
+    fn asked(asks: &AtomicUsize) -> usize {
+        asks.load(Ordering::SeqCst)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_code_posted_at_once_and_later_is_exchanged_once() {
         let guard = CodeExchanges::new(CODE_LIFETIME);
         let asks = AtomicUsize::new(0);
         let posts = (0..10).map(|i| {
-            let me = format!("o{i}");
-            let asks = &asks;
-            let guard = &guard;
-            async move {
-                guard
-                    .exchange("wxa", "c1", wechat(asks, Ok(session(&me)), CALL))
-                    .await
-            }
+            let (guard, asks, me) = (&guard, &asks, format!("o{i}"));
+            async move { post(guard, asks, ("wxa", "c1"), &me).await }
         });
         let answers = futures_util::future::join_all(posts).await;
-        assert_eq!(asks.load(Ordering::SeqCst), 1);
-        assert!(answers.into_iter().map(openid).all(|o| o == "o0"));
+        assert_eq!(asked(&asks), 1);
+        assert!(answers.iter().all(|o| o == "o0"), "{answers:?}");
 
         tokio::time::advance(CODE_LIFETIME - Duration::from_secs(1)).await;
-        let later = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("x")), CALL));
-        assert_eq!(openid(later.await), "o0");
-        assert_eq!(asks.load(Ordering::SeqCst), 1);
+        assert_eq!(post(&guard, &asks, ("wxa", "c1"), "x").await, "o0");
+        assert_eq!(asked(&asks), 1);
 
         // The same code of another app is another code.
-        let other = guard.exchange("wxb", "c1", wechat(&asks, Ok(session("b")), CALL));
-        assert_eq!(openid(other.await), "b");
-        assert_eq!(asks.load(Ordering::SeqCst), 2);
+        assert_eq!(post(&guard, &asks, ("wxb", "c1"), "b").await, "b");
+        assert_eq!(asked(&asks), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -461,26 +469,19 @@ mod tests {
                 .await;
             assert_eq!(answer.unwrap_err().code(), "invalid_code");
         }
-        assert_eq!(asks.load(Ordering::SeqCst), 1);
+        assert_eq!(asked(&asks), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_code_is_forgotten_when_its_lifetime_is_over() {
         let guard = CodeExchanges::new(CODE_LIFETIME);
         let asks = AtomicUsize::new(0);
-        guard
-            .exchange("wxa", "c1", wechat(&asks, Ok(session("a")), CALL))
-            .await
-            .unwrap();
+        post(&guard, &asks, ("wxa", "c1"), "a").await;
         tokio::time::advance(CODE_LIFETIME).await;
-        guard
-            .exchange("wxa", "c2", wechat(&asks, Ok(session("b")), CALL))
-            .await
-            .unwrap();
+        post(&guard, &asks, ("wxa", "c2"), "b").await;
         assert_eq!(guard.guarded(), 1, "c1's answer is no longer held");
-        let again = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("c")), CALL));
-        assert_eq!(openid(again.await), "c");
-        assert_eq!(asks.load(Ordering::SeqCst), 3);
+        assert_eq!(post(&guard, &asks, ("wxa", "c1"), "c").await, "c");
+        assert_eq!(asked(&asks), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -488,18 +489,15 @@ mod tests {
         let guard = CodeExchanges::guarding(CODE_LIFETIME, 3);
         let asks = AtomicUsize::new(0);
         for code in ["c1", "c2", "c3", "c4"] {
-            let answer = guard.exchange("wxa", code, wechat(&asks, Ok(session(code)), CALL));
-            answer.await.unwrap();
+            post(&guard, &asks, ("wxa", code), code).await;
         }
         assert_eq!(guard.guarded(), 3);
         for code in ["c2", "c3", "c4"] {
-            let answer = guard.exchange("wxa", code, wechat(&asks, Ok(session("x")), CALL));
-            assert_eq!(openid(answer.await), code);
+            assert_eq!(post(&guard, &asks, ("wxa", code), "x").await, code);
         }
-        assert_eq!(asks.load(Ordering::SeqCst), 4);
-        let answer = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("x")), CALL));
-        assert_eq!(openid(answer.await), "x");
-        assert_eq!(asks.load(Ordering::SeqCst), 5);
+        assert_eq!(asked(&asks), 4);
+        assert_eq!(post(&guard, &asks, ("wxa", "c1"), "x").await, "x");
+        assert_eq!(asked(&asks), 5);
     }
 
     #[tokio::test(start_paused = true)]
@@ -514,16 +512,13 @@ mod tests {
         );
         let second = async {
             tokio::time::sleep(CALL / 2).await;
-            guard
-                .exchange("wxa", "c1", wechat(&asks, Ok(session("b")), CALL))
-                .await
+            post(&guard, &asks, ("wxa", "c1"), "b").await
         };
         let (first, second) = tokio::join!(first, second);
         assert!(first.is_err(), "the first caller gave up");
-        assert_eq!(openid(second), "b");
-        let later = guard.exchange("wxa", "c1", wechat(&asks, Ok(session("c")), CALL));
-        assert_eq!(openid(later.await), "b");
-        assert_eq!(asks.load(Ordering::SeqCst), 2);
+        assert_eq!(second, "b");
+        assert_eq!(post(&guard, &asks, ("wxa", "c1"), "c").await, "b");
+        assert_eq!(asked(&asks), 2);
     }
 
     #[test]
