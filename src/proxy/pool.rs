@@ -1,5 +1,6 @@
-//! Keep-alive HTTP/1.1 connections to one server (the backend, for requests hyper parsed; WeChat's
-//! API, over TLS): a stack of idle connections, newest on top.
+//! Keep-alive HTTP/1.1 connections to the backend, for requests hyper parsed: a stack of idle
+//! connections, newest on top. (The fast lane has its own, [`super::raw`]; WeChat's API has
+//! [`crate::wechat::transport`].)
 //!
 //! One backend, one protocol: so no pool keyed by host, no checkout futures, no idle reaper task.
 //! A request takes the most recently used idle connection (its socket is the warmest, and a stack
@@ -36,20 +37,10 @@ const SETTLING: Duration = Duration::from_secs(1);
 /// Idle at least this long, a connection may be one the backend is closing as it is reused.
 const RISKY_IDLE: Duration = Duration::from_secs(1);
 
-/// TLS to the server, when it speaks HTTPS.
-pub struct Tls {
-    pub connector: tokio_rustls::TlsConnector,
-    pub server_name: rustls::pki_types::ServerName<'static>,
-}
-
 /// Connections to one server.
 pub struct Pool {
     /// `host:port`, resolved at each new connection.
     address: String,
-    tls: Option<Tls>,
-    /// Whether a written request may be sent again on a new connection (see the module's text).
-    /// Off for WeChat, where a code sent twice is a code used.
-    replay_written: bool,
     connect_timeout: Duration,
     /// How long an idle connection is kept.
     idle_timeout: Duration,
@@ -76,22 +67,8 @@ pub enum SendError {
 
 impl Pool {
     pub fn new(address: String, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Pool> {
-        Pool::with(address, None, true, connect_timeout, idle_timeout)
-    }
-
-    /// A pool speaking TLS when `tls` is given, and resending written requests only if
-    /// `replay_written`.
-    pub fn with(
-        address: String,
-        tls: Option<Tls>,
-        replay_written: bool,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Arc<Pool> {
         Arc::new(Pool {
             address,
-            tls,
-            replay_written,
             connect_timeout,
             idle_timeout,
             risky_idle: RISKY_IDLE,
@@ -147,33 +124,14 @@ impl Pool {
 
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
         let stream = connect_tcp(&self.address, self.connect_timeout).await?;
-        let Some(tls) = &self.tls else {
-            let (sender, connection) = http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(SendError::Http)?;
-            tokio::spawn(async move {
-                // Upgrades (WebSocket) hand the socket over to the tunnel when the backend agrees.
-                if let Err(e) = connection.with_upgrades().await {
-                    tracing::debug!(error = %e, "backend connection closed with an error");
-                }
-            });
-            return Ok(sender);
-        };
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tls.connector.connect(tls.server_name.clone(), stream),
-        )
-        .await
-        .map_err(|_| SendError::ConnectTimeout)?
-        .map_err(SendError::Connect)?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "TLS connection closed with an error");
+            // Upgrades (WebSocket) hand the socket over to the tunnel when the backend agrees.
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "backend connection closed with an error");
             }
         });
         Ok(sender)
@@ -188,7 +146,7 @@ impl Pool {
         loop {
             let (mut sender, fresh, replay) = match self.checkout() {
                 Some((sender, idle)) => {
-                    let replay = (self.replay_written && idle >= self.risky_idle)
+                    let replay = (idle >= self.risky_idle)
                         .then(|| replayable(&request))
                         .flatten();
                     (sender, false, replay)
@@ -302,7 +260,8 @@ impl HttpBody for PooledBody {
 }
 
 /// A TCP connection to `address` within `timeout`, with Nagle off: proxied requests are small
-/// writes that must not wait. Shared by this pool and the fast lane's [`super::raw::RawPool`].
+/// writes that must not wait. Shared by this pool, the fast lane's [`super::raw::RawPool`] and
+/// WeChat's [`crate::wechat::transport`].
 pub(crate) async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, SendError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Err(_) => return Err(SendError::ConnectTimeout),

@@ -6,22 +6,19 @@
 //! Secrets travel in query strings (WeChat's design), so no error from this module ever carries a URL:
 //! none is ever put in one.
 //!
-//! The transport is wxgate's keep-alive pool ([`crate::proxy::pool`]) over TLS (rustls, with the
-//! Mozilla roots of webpki-roots, built at the first HTTPS connection) or plain HTTP (a mock). It
-//! sends origin-form requests it builds itself: a login's call to WeChat costs a few thousand
-//! instructions instead of a general client's URL parsing, redirect and retry layers, and a written
-//! request is never sent twice (a code sent twice is a code used).
+//! The transport ([`super::transport`]) is HTTP/1.1 written and read as text on keep-alive
+//! connections, over TLS (rustls, with the Mozilla roots of webpki-roots) or plain HTTP (a mock), in
+//! the task that asked: a login's call to WeChat costs a few thousand instructions and no hop between
+//! tasks, instead of a general client's URL parsing, redirect and retry layers and connection tasks,
+//! and a written request is never sent twice (a code sent twice is a code used).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::proxy::pool::{Pool, Tls};
+use super::transport::{Tls, Transport};
 
 use crate::config::{Secret, WechatConfig};
 use crate::session::MAX_ID_LEN;
@@ -123,9 +120,7 @@ pub enum WechatError {
 /// The WeChat API client; cheap to clone.
 #[derive(Clone)]
 pub struct WechatClient {
-    pool: Arc<Pool>,
-    /// `Host` of every request.
-    host: HeaderValue,
+    transport: Arc<Transport>,
     /// The path `wechat.api_base` has, without its trailing slash.
     base: String,
     timeout: Duration,
@@ -157,14 +152,13 @@ impl WechatClient {
         };
         let authority = uri.authority().map_or(host, |a| a.as_str());
         Ok(WechatClient {
-            pool: Pool::with(
+            transport: Arc::new(Transport::new(
                 format!("{host}:{port}"),
+                authority,
                 tls,
-                false,
                 config.timeout.min(Duration::from_secs(5)),
                 Duration::from_secs(60),
-            ),
-            host: HeaderValue::from_str(authority).map_err(|_| unusable("bad host"))?,
+            )),
             base: uri.path().trim_end_matches('/').to_owned(),
             timeout: config.timeout,
             metrics: None,
@@ -386,8 +380,7 @@ impl WechatClient {
     }
 
     async fn send_post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
-        self.send(Method::POST, url.to_owned(), Some(body.to_string()))
-            .await
+        self.send(url, Some(body.to_string().as_bytes())).await
     }
 
     /// Sends a GET and returns the JSON body of a successful (errcode absent or 0) reply.
@@ -400,69 +393,25 @@ impl WechatClient {
             pairs.extend_pairs(query);
             pairs.finish()
         };
-        self.send(Method::GET, target, None).await
+        self.send(&target, None).await
     }
 
-    /// One request to `target` (origin form), answered within `wechat.timeout`.
-    async fn send(
-        &self,
-        method: Method,
-        target: String,
-        body: Option<String>,
-    ) -> Result<Value, WechatError> {
-        let mut request = Request::builder()
-            .method(method)
-            .header(header::HOST, self.host.clone())
-            .header(
-                header::USER_AGENT,
-                HeaderValue::from_static(concat!("wxgate/", env!("CARGO_PKG_VERSION"))),
-            );
-        if body.is_some() {
-            request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        let body = match body {
-            Some(text) => crate::body::boxed(http_body_util::Full::new(Bytes::from(text))),
-            None => crate::body::empty(),
-        };
-        // The target holds secrets: an error must not echo it, so it is not parsed for one.
-        let request = request
-            .uri(Uri::try_from(target).map_err(|_| {
-                WechatError::Unavailable("a request target could not be built".into())
-            })?)
-            .body(body)
-            .map_err(|_| WechatError::Unavailable("a request could not be built".into()))?;
+    /// One request to `target` (origin form: `wechat.api_base`'s path and percent-encoded pairs),
+    /// a POST of `body` or a GET, answered within `wechat.timeout`. The target holds secrets: no
+    /// error carries it.
+    async fn send(&self, target: &str, body: Option<&[u8]>) -> Result<Value, WechatError> {
         let exchange = async {
-            let response = self
-                .pool
-                .send(request)
-                .await
-                .map_err(|e| WechatError::Unavailable(format!("request failed: {e}")))?;
-            let status = response.status().as_u16();
-            let bytes = read_reply(response.into_body()).await?;
-            parse_reply(status, &bytes)
+            let reply = match body {
+                Some(body) => self.transport.post_json(target, body).await,
+                None => self.transport.get(target).await,
+            }
+            .map_err(|e| WechatError::Unavailable(format!("request failed: {e}")))?;
+            parse_reply(reply.status, &reply.body)
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| WechatError::Timeout)?
     }
-}
-
-/// The most a WeChat reply may hold; they are a few hundred bytes.
-const MAX_REPLY: usize = 1024 * 1024;
-
-async fn read_reply(mut body: crate::proxy::pool::PooledBody) -> Result<Vec<u8>, WechatError> {
-    let mut bytes = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| WechatError::Unavailable(format!("reply body broken: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if bytes.len() + data.len() > MAX_REPLY {
-                return Err(WechatError::Unavailable("reply too large".into()));
-            }
-            bytes.extend_from_slice(&data);
-        }
-    }
-    Ok(bytes)
 }
 
 /// TLS for WeChat's API: the Mozilla roots (and `wechat.ca_file`'s), TLS 1.2 and 1.3, HTTP/1.1.

@@ -322,15 +322,24 @@ async fn the_binary_reloads_its_certificate_on_sighup_and_answers_healthcheck() 
 }
 
 /// A TLS front for the mock WeChat (which speaks plain HTTP): what `wechat.api_base = "https://…"`
-/// reaches. It forwards to the address set in `target` once the gate (and its mock) are up.
-async fn tls_front(dir: &Path) -> (u16, Arc<std::sync::OnceLock<std::net::SocketAddr>>) {
+/// reaches. It forwards to the address set in `target` once the gate (and its mock) are up, and
+/// counts the connections it accepted.
+async fn tls_front(
+    dir: &Path,
+) -> (
+    u16,
+    Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let (acceptor, _) = wxgate::tls::acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
     let listener = bind().await;
     let port = listener.local_addr().unwrap().port();
     let target = Arc::new(std::sync::OnceLock::<std::net::SocketAddr>::new());
-    let to = target.clone();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (to, count) = (target.clone(), accepted.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (acceptor, to) = (acceptor.clone(), to.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(stream).await else {
@@ -341,14 +350,14 @@ async fn tls_front(dir: &Path) -> (u16, Arc<std::sync::OnceLock<std::net::Socket
             });
         }
     });
-    (port, target)
+    (port, target, accepted)
 }
 
 #[tokio::test]
 async fn wechat_is_called_over_tls_trusting_the_configured_ca_and_no_other() {
     let dir = tempfile::tempdir().unwrap();
     write_certificate(dir.path());
-    let (port, target) = tls_front(dir.path()).await;
+    let (port, target, accepted) = tls_front(dir.path()).await;
     let https = format!("api_base = \"https://localhost:{port}\"");
     let trusting = LOGIN.replace(
         "api_base = \"WECHAT\"",
@@ -365,6 +374,12 @@ async fn wechat_is_called_over_tls_trusting_the_configured_ca_and_no_other() {
     let login = gate.logged_in("tina").await;
     assert!(login["access_token"].is_string());
     assert_eq!(gate.wechat.calls(wxgate::wechat::mock::JSCODE2SESSION), 1);
+    // Later logins reuse the one TLS connection.
+    for user in ["tom", "tess"] {
+        gate.logged_in(user).await;
+    }
+    assert_eq!(gate.wechat.calls(wxgate::wechat::mock::JSCODE2SESSION), 3);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Without the CA, the mock's certificate is nobody's: no login, and nothing reaches it.
     let untrusting = LOGIN.replace("api_base = \"WECHAT\"", &https);
