@@ -54,7 +54,8 @@ pub enum CallError {
     Io(#[from] std::io::Error),
     #[error("the connection closed before the reply was complete")]
     Closed,
-    #[error("the reply is not HTTP/1.1 as expected: {0}")]
+    /// Head, framing or chunks malformed (the variant says which).
+    #[error("the reply is not well-formed HTTP/1.1 ({0:?})")]
     Response(#[from] crate::proxy::raw::ResponseError),
     #[error("the reply is too large")]
     TooLarge,
@@ -334,6 +335,20 @@ mod tests {
         (address, thread)
     }
 
+    /// A server on a thread that reads (the start of) one request and writes `answer`, then closes.
+    fn answer_once(answer: &'static [u8]) -> (String, std::thread::JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = [0u8; 256];
+            let _ = stream.read(&mut head).unwrap();
+            // A client that has refused the answer may have closed before its end.
+            let _ = stream.write_all(answer);
+        });
+        (address, server)
+    }
+
     fn transport(address: String) -> Transport {
         Transport::new(
             address,
@@ -411,14 +426,7 @@ mod tests {
                 b"{}",
             ),
         ] {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let address = listener.local_addr().unwrap().to_string();
-            let server = std::thread::spawn(move || {
-                let (mut stream, _) = listener.accept().unwrap();
-                let mut head = [0u8; 256];
-                let _ = stream.read(&mut head).unwrap();
-                stream.write_all(answer).unwrap();
-            });
+            let (address, server) = answer_once(answer);
             let wechat = transport(address);
             let reply = wechat.get("/").await.unwrap();
             assert_eq!(&reply.body[..], body);
@@ -476,27 +484,51 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_and_malformed_replies_are_refused() {
-        for answer in [
-            &b"HTTP/1.1 200 OK\r\nContent-Length: 1048577\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"<html>nope</html>\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+        for (answer, refusal) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 1048577\r\n\r\n"[..],
+                "the reply is too large",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "Framing",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                "Chunked",
+            ),
+            (b"<html>nope</html>\r\n\r\n", "Malformed"),
+            (
+                // 1.1 MB in 1 KB chunks.
+                {
+                    let mut huge =
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                    for _ in 0..1100 {
+                        huge.extend_from_slice(b"400\r\n");
+                        huge.extend_from_slice(&[b' '; 1024]);
+                        huge.extend_from_slice(b"\r\n");
+                    }
+                    huge.extend_from_slice(b"0\r\n\r\n");
+                    &*Box::leak(huge.into_boxed_slice())
+                },
+                "the reply is too large",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+                "the connection closed before the reply was complete",
+            ),
         ] {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let address = listener.local_addr().unwrap().to_string();
-            let server = std::thread::spawn(move || {
-                let (mut stream, _) = listener.accept().unwrap();
-                let mut head = [0u8; 256];
-                let _ = stream.read(&mut head).unwrap();
-                stream.write_all(answer).unwrap();
-            });
+            let (address, server) = answer_once(answer);
             let wechat = transport(address);
-            assert!(
-                wechat.get("/").await.is_err(),
-                "{:?}",
-                String::from_utf8_lossy(answer)
-            );
+            let refused = match wechat.get("/").await {
+                Err(CallError::Response(why)) => format!("{why:?}"),
+                Err(other) => other.to_string(),
+                Ok(reply) => panic!(
+                    "{:?} was taken as {reply:?}",
+                    String::from_utf8_lossy(answer)
+                ),
+            };
+            assert_eq!(refused, refusal, "{:?}", String::from_utf8_lossy(answer));
             assert!(wechat.lock().is_empty());
             server.join().unwrap();
         }
