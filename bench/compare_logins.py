@@ -59,7 +59,7 @@ def main():
                 before = versus.cpu_seconds(gate.pids())
                 stats = versus.wrk(url, args.connections, 2, args.duration, {}, script=script)
                 cpu = (versus.cpu_seconds(gate.pids()) - before) / stats["requests"] * 1e6
-                errors = sum(stats[k] for k in ("connect", "read", "write", "timeout", "status"))
+                errors = versus.failed(stats)
                 runs[side].append((stats["rps"], cpu, stats["p99"]))
                 print(f"round {round_ + 1} {side}: {stats['rps']:,.0f} logins/s, {cpu:.1f} µs CPU "
                       f"each, p99 {stats['p99'] / 1000:.1f} ms, {errors} errors", flush=True)

@@ -431,6 +431,17 @@ def wxgate_conf(name, port, admin, backend, workers, wechat, trusted=False, stor
 WRK_LINE = re.compile(r"WRKSTATS (.*)")
 
 
+def socket_errors(stats):
+    """wrk's connect, read, write and timeout errors in one run."""
+    return stats["connect"] + stats["read"] + stats["write"] + stats["timeout"]
+
+
+def failed(stats):
+    """The requests of a run that expects success which did not get it (wrk counts every status of
+    400 or more as a status error)."""
+    return socket_errors(stats) + stats["status"]
+
+
 def wrk(url, connections, threads, duration, headers, script=None):
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}", "--latency",
             "-s", str(script or ROOT / "bench/stats.lua")]
@@ -460,11 +471,10 @@ class Scenario:
         return [pid for s in self.services for pid in s.pids()]
 
     def errors(self, stats):
-        sockets = stats["connect"] + stats["read"] + stats["write"] + stats["timeout"]
-        # wrk counts every status of 400 or more as a status error.
         if self.expect >= 400:
-            return sockets + (stats["requests"] - stats["status"])
-        return sockets + stats["status"]
+            # The run expects refusals: a status below 400 is the error.
+            return socket_errors(stats) + (stats["requests"] - stats["status"])
+        return failed(stats)
 
 
 def set_affinity(pids, cpus):
@@ -763,7 +773,10 @@ def run_logins(workers, wxgate_bin, services, public):
                 alone.append(wrk(direct, connections, 2, ARGS.duration, {}))
             def passthrough():
                 wrk(public.url, ARGS.connections, 2, ARGS.warmup, public.headers)
-                return wrk(public.url, ARGS.connections, 2, ARGS.duration, public.headers)["rps"]
+                stats = wrk(public.url, ARGS.connections, 2, ARGS.duration, public.headers)
+                if failed(stats):
+                    fail(f"the public route beside the logins failed {failed(stats)} requests")
+                return stats["rps"]
             beside = passthrough() if r % 2 else None  # the order alternates round by round
             wrk(url, connections, 2, ARGS.warmup, {}, script=script)
             before = cpu_seconds(gate.pids())
@@ -772,8 +785,7 @@ def run_logins(workers, wxgate_bin, services, public):
             beside = beside or passthrough()
             runs.append((stats, cpu_used, stats["rps"] / beside))
         rps = [r[0]["rps"] for r in runs]
-        errors = sum(r[0]["connect"] + r[0]["read"] + r[0]["write"] + r[0]["timeout"]
-                     + r[0]["status"] for r in runs)
+        errors = sum(failed(r[0]) for r in runs)
         cpu = median([r[1] / r[0]["requests"] * 1e6 for r in runs])
         ratio = median([r[2] for r in runs])
         results[label] = (median(rps), median([r[0]["p99"] for r in runs]), errors, ratio)
@@ -783,8 +795,7 @@ def run_logins(workers, wxgate_bin, services, public):
               f"| {ms(median([r[0]['p999'] for r in runs]))} | {errors} | {cpu:.1f} | {ratio:.2f} |")
         if wechat == slow_port:
             rps_alone = [a["rps"] for a in alone]
-            errors_alone = sum(a["connect"] + a["read"] + a["write"] + a["timeout"] + a["status"]
-                               for a in alone)
+            errors_alone = sum(failed(a) for a in alone)
             print(f"| (the 50 ms stand-in alone, no wxgate) | {connections} "
                   f"| {median(rps_alone):,.0f} ({min(rps_alone):,.0f}–{max(rps_alone):,.0f}) "
                   f"| {ms(median([a['p50'] for a in alone]))} | {ms(median([a['p99'] for a in alone]))} "
