@@ -14,19 +14,20 @@
 //!
 //! With PostgreSQL other instances change links, so there is no cache: every login asks the store.
 
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use moka::sync::Cache;
+use hashlink::LruCache;
+use hashlink::linked_hash_map::RawEntryMut;
 
 use super::{LoginIds, Resolved};
 
-/// People whose links are kept; past this the least used are dropped (their next login asks the
-/// store). Each entry is about 300 bytes.
-const CAPACITY: u64 = 100_000;
-/// An entry unused this long is dropped.
-const IDLE: Duration = Duration::from_secs(3600);
+/// People whose links are kept; past this the least recently used are dropped (their next login
+/// asks the store). Each entry is about 300 bytes. Nothing expires by age: every entry is exact.
+const CAPACITY: usize = 100_000;
+/// Independent locks, so logins on different runtime threads seldom wait for each other.
+const SHARDS: usize = 16;
 
 /// What one (appid, openid) resolves to while nothing changes.
 struct Linked {
@@ -36,34 +37,55 @@ struct Linked {
     phone: Option<String>,
 }
 
+/// (appid, openid). It hashes as the `(&str, &str)` a lookup hashes, so a lookup builds no key.
+type Key = (Box<str>, Box<str>);
+type Shard = LruCache<Key, Arc<Linked>, RandomState>;
+
 pub(super) struct LinkCache {
-    entries: Cache<String, Arc<Linked>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
     /// Moves on at every drop: a fill that started before it is not kept.
     epoch: AtomicU64,
 }
 
-fn key(appid: &str, openid: &str) -> String {
-    let mut key = String::with_capacity(appid.len() + openid.len() + 1);
-    key.push_str(appid);
-    key.push('\0');
-    key.push_str(openid);
-    key
-}
-
 impl LinkCache {
     pub(super) fn new() -> LinkCache {
+        LinkCache::with_capacity(CAPACITY)
+    }
+
+    fn with_capacity(capacity: usize) -> LinkCache {
+        let hasher = RandomState::new();
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
         LinkCache {
-            entries: Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_idle(IDLE)
-                .build(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::with_hasher(per_shard, hasher.clone())))
+                .collect(),
+            hasher,
             epoch: AtomicU64::new(0),
         }
     }
 
+    /// The shard of (appid, openid) and the pair's hash in it.
+    fn shard(&self, appid: &str, openid: &str) -> (MutexGuard<'_, Shard>, u64) {
+        let hash = self.hasher.hash_one((appid, openid));
+        let shard = &self.shards[(hash >> 60) as usize % SHARDS];
+        (shard.lock().unwrap_or_else(PoisonError::into_inner), hash)
+    }
+
     /// The user `ids` resolve to when the store would answer from links already in place.
     pub(super) fn get(&self, ids: LoginIds<'_>) -> Option<Resolved> {
-        let linked = self.entries.get(&key(ids.appid, ids.openid))?;
+        let linked = {
+            let (mut shard, hash) = self.shard(ids.appid, ids.openid);
+            match shard.raw_entry_mut().from_hash(hash, |(appid, openid)| {
+                **appid == *ids.appid && **openid == *ids.openid
+            }) {
+                RawEntryMut::Occupied(mut found) => {
+                    found.to_back();
+                    found.get().clone()
+                }
+                RawEntryMut::Vacant(_) => return None,
+            }
+        };
         // A unionid not known to be linked to this user needs the store's rules (link or merge).
         if ids.unionid.is_some() && ids.unionid != linked.unionid.as_deref() {
             return None;
@@ -83,33 +105,40 @@ impl LinkCache {
 
     /// Keeps what the store answered for `ids`, unless something was dropped since `epoch`.
     pub(super) fn fill(&self, ids: LoginIds<'_>, resolved: &Resolved, epoch: u64) {
-        if self.epoch() != epoch {
-            return;
-        }
         let linked = Arc::new(Linked {
             user_id: resolved.user_id.clone(),
             unionid: ids.unionid.map(str::to_owned),
             phone: resolved.phone.clone(),
         });
-        self.entries.insert(key(ids.appid, ids.openid), linked);
-        // A drop between the check and the insert would have been missed: undo.
+        let (mut shard, _) = self.shard(ids.appid, ids.openid);
+        // Checked under the shard's lock, which a drop of this pair takes after moving the epoch
+        // on: either the drop comes later and removes this entry, or the check sees it.
         if self.epoch() != epoch {
-            self.entries.invalidate(&key(ids.appid, ids.openid));
+            return;
         }
+        shard.insert((ids.appid.into(), ids.openid.into()), linked);
     }
 
     /// Forgets the entries of these (appid, openid) pairs.
     pub(super) fn drop_links<'a>(&self, links: impl IntoIterator<Item = (&'a str, &'a str)>) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         for (appid, openid) in links {
-            self.entries.invalidate(&key(appid, openid));
+            let (mut shard, hash) = self.shard(appid, openid);
+            if let RawEntryMut::Occupied(found) = shard
+                .raw_entry_mut()
+                .from_hash(hash, |(a, o)| **a == *appid && **o == *openid)
+            {
+                found.remove();
+            }
         }
     }
 
     /// Forgets everything (when a user's links could not be listed).
     pub(super) fn drop_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.entries.invalidate_all();
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
     }
 }
 
@@ -157,6 +186,45 @@ mod tests {
         cache.fill(ids("o3", None), &resolved("other", None), epoch);
         assert_eq!(cache.get(ids("o3", Some("u3"))), None);
         assert!(cache.get(ids("o3", None)).is_some());
+    }
+
+    #[test]
+    fn past_capacity_the_least_recently_used_go_and_the_rest_are_found() {
+        let cache = LinkCache::with_capacity(SHARDS * 64);
+        let epoch = cache.epoch();
+        let openid = |i: usize| format!("o{i}");
+        // About 16 a shard, and never near its 64: the tables grow from empty, rehashing the keys
+        // they hold, which must hash as the lookups do.
+        for i in 0..SHARDS * 16 {
+            cache.fill(
+                ids(&openid(i), None),
+                &resolved(&format!("u{i}"), None),
+                epoch,
+            );
+        }
+        for i in 0..SHARDS * 16 {
+            assert_eq!(
+                cache.get(ids(&openid(i), None)).unwrap().user_id,
+                format!("u{i}")
+            );
+        }
+        // Keep the first ones in use while many more arrive: they stay, and the rest are bounded.
+        for i in SHARDS * 16..SHARDS * 400 {
+            for kept in 0..4 {
+                assert!(
+                    cache.get(ids(&openid(kept), None)).is_some(),
+                    "{kept} at {i}"
+                );
+            }
+            cache.fill(ids(&openid(i), None), &resolved("later", None), epoch);
+        }
+        let held: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(held <= SHARDS * 64, "{held} entries");
+        assert!(
+            cache.get(ids(&openid(40), None)).is_none(),
+            "unused since: dropped"
+        );
+        assert!(cache.get(ids(&openid(SHARDS * 400 - 1), None)).is_some());
     }
 
     #[test]
