@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use hashbrown::HashTable;
+use smallvec::SmallVec;
 use subtle::ConstantTimeEq;
 
 use super::{
@@ -250,27 +251,32 @@ impl SessionStore for MemoryStore {
                     // Under the person's lock: two logins of one person at once each keep the other's key.
                     let hash = self.latest_hash(session.appid(), session.openid());
                     let mut latest = self.latest_shard(hash);
-                    let mut keys = vec![key];
-                    let previous = latest.find(hash, |s| same_person(s, &session));
-                    if let Some(previous) = previous {
-                        keys.extend(
-                            previous
-                                .session_keys()
-                                .filter(|k| *k != key)
-                                .take(SESSION_KEY_HISTORY - 1),
-                        );
-                    }
-                    let session = Arc::new(session.with_session_keys(&keys));
+                    let mut keys: SmallVec<[[u8; 16]; SESSION_KEY_HISTORY]> = SmallVec::new();
+                    keys.push(key);
                     match latest.find_entry(hash, |s| same_person(s, &session)) {
-                        Ok(mut entry) => *entry.get_mut() = session.clone(),
-                        Err(_) => {
+                        Ok(mut previous) => {
+                            keys.extend(
+                                previous
+                                    .get()
+                                    .session_keys()
+                                    .filter(|k| *k != key)
+                                    .take(SESSION_KEY_HISTORY - 1),
+                            );
+                            let session = Arc::new(session.with_session_keys(&keys));
+                            *previous.get_mut() = session.clone();
+                            session
+                        }
+                        Err(absent) => {
+                            let session = Arc::new(session.with_session_keys(&keys));
                             let hasher = &self.hasher;
-                            latest.insert_unique(hash, session.clone(), |s| {
-                                hasher.hash_one((s.appid(), s.openid()))
-                            });
+                            absent
+                                .into_table()
+                                .insert_unique(hash, session.clone(), |s| {
+                                    hasher.hash_one((s.appid(), s.openid()))
+                                });
+                            session
                         }
                     }
-                    session
                 }
                 None => Arc::new(session),
             };
