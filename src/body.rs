@@ -51,6 +51,31 @@ pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp
     response
 }
 
+/// A JSON response with the given status from JSON text already written, as [`json`] answers.
+pub fn json_text(status: StatusCode, text: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Appends `text` to `out` as a JSON string, escaped as serde_json escapes it. Text with nothing to
+/// escape (tokens, ids: almost always) is one copy instead of a pass per character.
+pub fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(text.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
 pin_project! {
     /// A body that fails with [`BodyIdle`] when no frame arrives for `idle`: a stalled upload or
     /// download does not hold a connection and a backend connection forever.
@@ -132,4 +157,28 @@ pub fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 
         current = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The shortcut for text with nothing to escape writes what serde_json writes, and so
+        /// does the rest.
+        #[test]
+        fn a_json_string_is_written_as_serde_writes_it(
+            text in prop_oneof![
+                "[A-Za-z0-9_.-]{0,300}",
+                any::<String>(),
+                "[ -~\\x00-\\x1f\\u{7f}\\u{a0}-\\u{ff}]{0,40}",
+            ]
+        ) {
+            let mut out = b"[".to_vec();
+            push_json_str(&mut out, &text);
+            let serde = serde_json::to_vec(&text).unwrap();
+            prop_assert_eq!(&out[1..], serde.as_slice());
+        }
+    }
 }

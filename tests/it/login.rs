@@ -14,9 +14,30 @@ async fn a_login_makes_every_request_arrive_as_the_user() {
     let reply = gate.login_as("alice").await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.headers["cache-control"], "no-store");
+    assert_eq!(reply.headers["content-type"], "application/json");
     let tokens = reply.json();
+    let mut fields: Vec<&str> = tokens
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "access_token",
+            "expires_in",
+            "refresh_expires_in",
+            "refresh_token",
+            "token_type",
+            "unionid_known",
+            "user_id"
+        ]
+    );
     assert_eq!(tokens["token_type"], "Bearer");
     assert_eq!(tokens["expires_in"], 7200);
+    assert_eq!(tokens["refresh_expires_in"], 30 * 24 * 3600);
     assert_eq!(tokens["unionid_known"], true);
     let user_id = tokens["user_id"].as_str().unwrap().to_owned();
     assert!(user_id.starts_with("u_"), "{user_id}");
