@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::transport::{Tls, Transport};
+use super::transport::{Reply, Tls, Transport};
 
 use crate::config::{Secret, WechatConfig};
 use crate::session::MAX_ID_LEN;
@@ -173,12 +173,6 @@ impl WechatClient {
         secret: &Secret,
         code: &str,
     ) -> Result<CodeSession, WechatError> {
-        #[derive(Deserialize)]
-        struct Reply {
-            openid: String,
-            session_key: String,
-            unionid: Option<String>,
-        }
         let url = format!("{}/sns/jscode2session", self.base);
         let query = [
             ("appid", appid),
@@ -186,10 +180,13 @@ impl WechatClient {
             ("js_code", code),
             ("grant_type", "authorization_code"),
         ];
-        let body = self.get("jscode2session", &url, &query).await?;
-        let reply: Reply = serde_json::from_value(body).map_err(|_| {
-            WechatError::Unavailable("jscode2session reply lacks openid or session_key".into())
-        })?;
+        let reply = self
+            .call(
+                "jscode2session",
+                self.send_get(&url, &query),
+                code_session_reply,
+            )
+            .await?;
         let unionid = reply.unionid.filter(|u| !u.is_empty());
         if !plausible_id(&reply.openid)
             || !unionid.as_deref().is_none_or(plausible_id)
@@ -342,14 +339,14 @@ impl WechatClient {
         &self,
         endpoint: &'static str,
         started: std::time::Instant,
-        result: &Result<Value, WechatError>,
+        error: Option<&WechatError>,
     ) {
         if let Some(metrics) = &self.metrics {
-            let errcode = match result {
-                Ok(_) => "0",
-                Err(WechatError::Api { errcode }) => crate::metrics::errcode_label(*errcode),
-                Err(WechatError::Unavailable(_)) => "unavailable",
-                Err(WechatError::Timeout) => "timeout",
+            let errcode = match error {
+                None => "0",
+                Some(WechatError::Api { errcode }) => crate::metrics::errcode_label(*errcode),
+                Some(WechatError::Unavailable(_)) => "unavailable",
+                Some(WechatError::Timeout) => "timeout",
             };
             metrics.observe_wechat(endpoint, errcode, started.elapsed());
         }
@@ -361,10 +358,11 @@ impl WechatClient {
         url: &str,
         body: &Value,
     ) -> Result<Value, WechatError> {
-        let started = std::time::Instant::now();
-        let result = self.send_post(url, body).await;
-        self.observe(endpoint, started, &result);
-        result
+        let body = body.to_string();
+        self.call(endpoint, self.send(url, Some(body.as_bytes())), |reply| {
+            parse_reply(reply.status, &reply.body)
+        })
+        .await
     }
 
     async fn get(
@@ -373,18 +371,28 @@ impl WechatClient {
         url: &str,
         query: &[(&str, &str)],
     ) -> Result<Value, WechatError> {
+        self.call(endpoint, self.send_get(url, query), |reply| {
+            parse_reply(reply.status, &reply.body)
+        })
+        .await
+    }
+
+    /// One call to `endpoint`: the exchange `sent`, its reply read by `parse`, the outcome and
+    /// time observed.
+    async fn call<T>(
+        &self,
+        endpoint: &'static str,
+        sent: impl Future<Output = Result<Reply, WechatError>>,
+        parse: impl FnOnce(&Reply) -> Result<T, WechatError>,
+    ) -> Result<T, WechatError> {
         let started = std::time::Instant::now();
-        let result = self.send_get(url, query).await;
-        self.observe(endpoint, started, &result);
+        let result = sent.await.and_then(|reply| parse(&reply));
+        self.observe(endpoint, started, result.as_ref().err());
         result
     }
 
-    async fn send_post(&self, url: &str, body: &Value) -> Result<Value, WechatError> {
-        self.send(url, Some(body.to_string().as_bytes())).await
-    }
-
-    /// Sends a GET and returns the JSON body of a successful (errcode absent or 0) reply.
-    async fn send_get(&self, url: &str, query: &[(&str, &str)]) -> Result<Value, WechatError> {
+    /// A GET of `url` with the `query` pairs percent-encoded.
+    async fn send_get(&self, url: &str, query: &[(&str, &str)]) -> Result<Reply, WechatError> {
         let target = {
             let mut target = String::with_capacity(url.len() + 160);
             target.push_str(url);
@@ -399,14 +407,13 @@ impl WechatClient {
     /// One request to `target` (origin form: `wechat.api_base`'s path and percent-encoded pairs),
     /// a POST of `body` or a GET, answered within `wechat.timeout`. The target holds secrets: no
     /// error carries it.
-    async fn send(&self, target: &str, body: Option<&[u8]>) -> Result<Value, WechatError> {
+    async fn send(&self, target: &str, body: Option<&[u8]>) -> Result<Reply, WechatError> {
         let exchange = async {
-            let reply = match body {
+            match body {
                 Some(body) => self.transport.post_json(target, body).await,
                 None => self.transport.get(target).await,
             }
-            .map_err(|e| WechatError::Unavailable(format!("request failed: {e}")))?;
-            parse_reply(reply.status, &reply.body)
+            .map_err(|e| WechatError::Unavailable(format!("request failed: {e}")))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
@@ -431,6 +438,31 @@ fn tls_connector(
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The fields of a `jscode2session` reply that wxgate reads.
+#[derive(Debug, Deserialize)]
+struct CodeSessionReply {
+    openid: String,
+    session_key: String,
+    unionid: Option<String>,
+    /// Absent on success; present, it must be 0.
+    errcode: Option<Value>,
+}
+
+/// A `jscode2session` reply, as [`parse_reply`] and then the typed fields would read it. A success,
+/// as nearly every reply is, parses in one typed pass; anything else is read again the general way,
+/// which says what is wrong with it.
+fn code_session_reply(reply: &Reply) -> Result<CodeSessionReply, WechatError> {
+    if reply.status == 200
+        && let Ok(typed) = serde_json::from_slice::<CodeSessionReply>(&reply.body)
+        && errcode_field(typed.errcode.as_ref()) == Ok(0)
+    {
+        return Ok(typed);
+    }
+    serde_json::from_value(parse_reply(reply.status, &reply.body)?).map_err(|_| {
+        WechatError::Unavailable("jscode2session reply lacks openid or session_key".into())
+    })
 }
 
 /// Interprets a WeChat reply: a non-200 status or a body that is not a JSON object is an infrastructure
@@ -458,7 +490,12 @@ pub fn parse_reply(status: u16, body: &[u8]) -> Result<Value, WechatError> {
 
 /// `errcode` as WeChat sends it: absent (success), a number, or a numeric string.
 fn errcode(value: &Value) -> Result<i64, ()> {
-    match value.get("errcode") {
+    errcode_field(value.get("errcode"))
+}
+
+/// The `errcode` field's value (`None` when absent) as [`errcode`] reads it.
+fn errcode_field(field: Option<&Value>) -> Result<i64, ()> {
+    match field {
         None | Some(Value::Null) => Ok(0),
         Some(Value::Number(n)) => n.as_i64().ok_or(()),
         Some(Value::String(s)) => s.trim().parse().map_err(|_| ()),
@@ -548,6 +585,73 @@ mod tests {
             code(br#"{"errcode":99999,"errmsg":"something new"}"#),
             99999
         );
+    }
+
+    /// The one-pass reading of a `jscode2session` reply answers what the general reading answers,
+    /// success or error, whatever the reply.
+    #[test]
+    fn a_code_session_reply_reads_as_the_general_way_reads_it() {
+        let general = |status: u16, body: &[u8]| {
+            parse_reply(status, body).and_then(|v| {
+                serde_json::from_value::<CodeSessionReply>(v).map_err(|_| {
+                    WechatError::Unavailable(
+                        "jscode2session reply lacks openid or session_key".into(),
+                    )
+                })
+            })
+        };
+        let seen = |result: Result<CodeSessionReply, WechatError>| match result {
+            Ok(r) => Ok((r.openid, r.session_key, r.unionid)),
+            Err(e) => Err(format!("{e:?}")),
+        };
+        let ok = r#""openid":"o1","session_key":"k1""#;
+        let bodies = [
+            format!("{{{ok}}}"),
+            format!(r#"{{{ok},"unionid":"u1"}}"#),
+            format!(r#"{{{ok},"unionid":null}}"#),
+            format!(r#"{{{ok},"errcode":0,"errmsg":"ok"}}"#),
+            format!(r#"{{{ok},"errcode":"0"}}"#),
+            format!(r#"{{{ok},"errcode":" 0 "}}"#),
+            format!(r#"{{{ok},"errcode":null}}"#),
+            format!(r#"{{{ok},"errcode":40029}}"#),
+            format!(r#"{{{ok},"errcode":"40163"}}"#),
+            format!(r#"{{{ok},"errcode":"forty"}}"#),
+            format!(r#"{{{ok},"errcode":1.5}}"#),
+            format!(r#"{{{ok},"errcode":[]}}"#),
+            format!(r#"{{{ok},"openid":"o2"}}"#),
+            format!(r#"{{{ok},"unionid":7}}"#),
+            r#"{"errcode":40029,"errmsg":"invalid code"}"#.into(),
+            r#"{"errcode":"45011","errmsg":"api minute-quota reach limit"}"#.into(),
+            r#"{"errcode":0,"errmsg":"ok"}"#.into(),
+            r#"{"openid":"o1"}"#.into(),
+            r#"{"openid":1,"session_key":"k1"}"#.into(),
+            r#"[1,2]"#.into(),
+            "".into(),
+            "<html>502</html>".into(),
+            format!("{{{ok}}} trailing"),
+        ];
+        for body in &bodies {
+            for status in [200, 502] {
+                let reply = Reply {
+                    status,
+                    body: body.as_bytes().to_vec(),
+                };
+                assert_eq!(
+                    seen(code_session_reply(&reply)),
+                    seen(general(status, body.as_bytes())),
+                    "{status} {body}"
+                );
+            }
+        }
+        let reply = |body: &str| Reply {
+            status: 200,
+            body: body.as_bytes().to_vec(),
+        };
+        assert!(code_session_reply(&reply(&bodies[1])).is_ok());
+        assert!(matches!(
+            code_session_reply(&reply(&bodies[8])),
+            Err(WechatError::Api { errcode: 40163 })
+        ));
     }
 
     #[test]
