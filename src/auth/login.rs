@@ -344,14 +344,11 @@ impl AuthService {
             return Err(Error::InvalidCode);
         }
         let appid = app.config.appid.as_str();
-        let exchanged = self
-            .exchanges
-            .exchange(
-                appid,
-                &code,
-                self.wechat.jscode2session(appid, &app.config.secret, &code),
-            )
-            .await?;
+        // Boxed where it is made: the call holds the WeChat exchange's buffers and state, over a
+        // kilobyte, and unboxed it was copied at every layer of futures it was handed through
+        // (ten copies a login, by callgrind).
+        let ask = Box::pin(self.wechat.jscode2session(appid, &app.config.secret, &code));
+        let exchanged = self.exchanges.exchange(appid, &code, ask).await?;
         // User info sent with the code comes from the same wx.login() round: this exchange's
         // session_key is the one it was encrypted with.
         let opened = match request.open_data.is_present() {

@@ -180,12 +180,9 @@ impl WechatClient {
             ("js_code", code),
             ("grant_type", "authorization_code"),
         ];
+        let target = with_query(&url, &query);
         let reply = self
-            .call(
-                "jscode2session",
-                self.send_get(&url, &query),
-                code_session_reply,
-            )
+            .call("jscode2session", &target, None, code_session_reply)
             .await?;
         let unionid = reply.unionid.filter(|u| !u.is_empty());
         if !plausible_id(&reply.openid)
@@ -359,7 +356,7 @@ impl WechatClient {
         body: &Value,
     ) -> Result<Value, WechatError> {
         let body = body.to_string();
-        self.call(endpoint, self.send(url, Some(body.as_bytes())), |reply| {
+        self.call(endpoint, url, Some(body.as_bytes()), |reply| {
             parse_reply(reply.status, &reply.body)
         })
         .await
@@ -371,37 +368,28 @@ impl WechatClient {
         url: &str,
         query: &[(&str, &str)],
     ) -> Result<Value, WechatError> {
-        self.call(endpoint, self.send_get(url, query), |reply| {
+        self.call(endpoint, &with_query(url, query), None, |reply| {
             parse_reply(reply.status, &reply.body)
         })
         .await
     }
 
-    /// One call to `endpoint`: the exchange `sent`, its reply read by `parse`, the outcome and
-    /// time observed.
+    /// One call to `endpoint` at `target`: the exchange ([`WechatClient::send`]), its reply read
+    /// by `parse`, the outcome and time observed.
     async fn call<T>(
         &self,
         endpoint: &'static str,
-        sent: impl Future<Output = Result<Reply, WechatError>>,
+        target: &str,
+        body: Option<&[u8]>,
         parse: impl FnOnce(&Reply) -> Result<T, WechatError>,
     ) -> Result<T, WechatError> {
         let started = std::time::Instant::now();
-        let result = sent.await.and_then(|reply| parse(&reply));
+        let result = self
+            .send(target, body)
+            .await
+            .and_then(|reply| parse(&reply));
         self.observe(endpoint, started, result.as_ref().err());
         result
-    }
-
-    /// A GET of `url` with the `query` pairs percent-encoded.
-    async fn send_get(&self, url: &str, query: &[(&str, &str)]) -> Result<Reply, WechatError> {
-        let target = {
-            let mut target = String::with_capacity(url.len() + 160);
-            target.push_str(url);
-            target.push('?');
-            let mut pairs = form_urlencoded::Serializer::new(target);
-            pairs.extend_pairs(query);
-            pairs.finish()
-        };
-        self.send(&target, None).await
     }
 
     /// One request to `target` (origin form: `wechat.api_base`'s path and percent-encoded pairs),
@@ -438,6 +426,33 @@ fn tls_connector(
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `url` with the `query` pairs form-encoded, as `form_urlencoded::Serializer` encodes them.
+fn with_query(url: &str, query: &[(&str, &str)]) -> String {
+    let mut target = String::with_capacity(url.len() + 160);
+    target.push_str(url);
+    for (i, (name, value)) in query.iter().enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        push_form_encoded(&mut target, name);
+        target.push('=');
+        push_form_encoded(&mut target, value);
+    }
+    target
+}
+
+/// Appends `text` form-encoded. Appids, secrets and codes need no encoding, and are then one
+/// copy after a check the compiler makes a vector loop; anything else goes through
+/// `form_urlencoded`.
+fn push_form_encoded(out: &mut String, text: &str) {
+    let plain = text.bytes().fold(true, |all, b| {
+        all & (b.is_ascii_alphanumeric() | (b == b'*') | (b == b'-') | (b == b'.') | (b == b'_'))
+    });
+    if plain {
+        out.push_str(text);
+    } else {
+        out.extend(form_urlencoded::byte_serialize(text.as_bytes()));
+    }
 }
 
 /// The fields of a `jscode2session` reply that wxgate reads.
@@ -585,6 +600,26 @@ mod tests {
             code(br#"{"errcode":99999,"errmsg":"something new"}"#),
             99999
         );
+    }
+
+    proptest::proptest! {
+        /// A query is encoded exactly as `form_urlencoded` encodes it, whatever its text.
+        #[test]
+        fn queries_are_encoded_as_form_urlencoded_encodes_them(
+            pairs in proptest::collection::vec(
+                (
+                    proptest::prop_oneof!["[a-z_]{1,12}", ".{0,12}"],
+                    proptest::prop_oneof!["[A-Za-z0-9*._-]{0,40}", ".{0,40}"],
+                ),
+                1..5,
+            )
+        ) {
+            let pairs: Vec<(&str, &str)> =
+                pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            let mut expected = form_urlencoded::Serializer::for_suffix("/sns/x?".to_owned(), 7);
+            expected.extend_pairs(&pairs);
+            proptest::prop_assert_eq!(with_query("/sns/x", &pairs), expected.finish());
+        }
     }
 
     /// The one-pass reading of a `jscode2session` reply answers what the general reading answers,
