@@ -65,7 +65,11 @@ pub fn json_text(status: StatusCode, text: Vec<u8>) -> Response<Body> {
 /// Appends `text` to `out` as a JSON string, escaped as serde_json escapes it. Text with nothing to
 /// escape (tokens, ids: almost always) is one copy instead of a pass per character.
 pub fn push_json_str(out: &mut Vec<u8>, text: &str) {
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // Every byte looked at, without stopping at the first: the compiler makes that a vector loop.
+    let escapes = text.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !escapes {
         out.reserve(text.len() + 2);
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
