@@ -925,6 +925,17 @@ fn wechat_config(file: FileWechat) -> Result<WechatConfig, ConfigError> {
     if api_base.query().is_some() {
         return Err(ConfigError::invalid(KEY, "must not have a query"));
     }
+    // The authority is sent as `Host`; credentials there would reach WeChat, and this error must
+    // not repeat them.
+    if api_base
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(ConfigError::invalid(
+            KEY,
+            "must not carry user:password; WeChat's API takes the appid and secret of [[apps]]",
+        ));
+    }
     let open_base = file
         .open_base
         .unwrap_or_else(|| "https://open.weixin.qq.com".to_owned());
@@ -1955,6 +1966,36 @@ mod tests {
         }
         let config = parse("[upstream]\nurl = \"http://10.0.0.1:3000/base/\"\n").unwrap();
         assert_eq!(config.upstream.base_path, "/base");
+    }
+
+    #[test]
+    fn wechat_api_base_is_checked_without_repeating_credentials() {
+        for (url, expected) in [
+            (
+                "https://user:hunter2@api.weixin.qq.com",
+                "wechat.api_base: must not carry user:password",
+            ),
+            (
+                "http://127.0.0.1:9/?x=1",
+                "wechat.api_base: must not have a query",
+            ),
+            (
+                "ftp://127.0.0.1",
+                "wechat.api_base: \"ftp://127.0.0.1\" needs an http:// or https:// scheme",
+            ),
+        ] {
+            let err = error(&format!("{MINIMAL}[wechat]\napi_base = \"{url}\"\n"));
+            assert!(
+                err.starts_with(expected),
+                "\nexpected: {expected}\n     got: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let config = parse(&format!(
+            "{MINIMAL}[wechat]\napi_base = \"http://127.0.0.1:9/base/\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.wechat.api_base, "http://127.0.0.1:9/base");
     }
 
     #[test]
