@@ -68,17 +68,31 @@ impl LinkCache {
     /// The shard of (appid, openid) and the pair's hash in it.
     fn shard(&self, appid: &str, openid: &str) -> (MutexGuard<'_, Shard>, u64) {
         let hash = self.hasher.hash_one((appid, openid));
-        let shard = &self.shards[(hash >> 60) as usize % SHARDS];
-        (shard.lock().unwrap_or_else(PoisonError::into_inner), hash)
+        (
+            self.shards[crate::session::shard_bits(hash) % SHARDS]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            hash,
+        )
+    }
+
+    /// The entry of (appid, openid) in its `shard`, found by its `hash` without building a key.
+    fn entry<'s>(
+        shard: &'s mut Shard,
+        hash: u64,
+        appid: &str,
+        openid: &str,
+    ) -> RawEntryMut<'s, Key, Arc<Linked>, RandomState> {
+        shard
+            .raw_entry_mut()
+            .from_hash(hash, |(a, o)| **a == *appid && **o == *openid)
     }
 
     /// The user `ids` resolve to when the store would answer from links already in place.
     pub(super) fn get(&self, ids: LoginIds<'_>) -> Option<Resolved> {
         let linked = {
             let (mut shard, hash) = self.shard(ids.appid, ids.openid);
-            match shard.raw_entry_mut().from_hash(hash, |(appid, openid)| {
-                **appid == *ids.appid && **openid == *ids.openid
-            }) {
+            match Self::entry(&mut shard, hash, ids.appid, ids.openid) {
                 RawEntryMut::Occupied(mut found) => {
                     found.to_back();
                     found.get().clone()
@@ -124,10 +138,7 @@ impl LinkCache {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         for (appid, openid) in links {
             let (mut shard, hash) = self.shard(appid, openid);
-            if let RawEntryMut::Occupied(found) = shard
-                .raw_entry_mut()
-                .from_hash(hash, |(a, o)| **a == *appid && **o == *openid)
-            {
+            if let RawEntryMut::Occupied(found) = Self::entry(&mut shard, hash, appid, openid) {
                 found.remove();
             }
         }

@@ -169,7 +169,7 @@ impl MemoryStore {
     }
 
     fn latest_shard(&self, hash: u64) -> MutexGuard<'_, HashTable<Arc<Session>>> {
-        self.latest[(hash >> 58) as usize % SHARDS]
+        self.latest[super::shard_bits(hash) % SHARDS]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }

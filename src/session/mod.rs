@@ -19,6 +19,15 @@ pub use token::{RefreshHash, SessionId};
 pub const REMEMBERED_REFRESH_TOKENS: usize = 16;
 /// How many session_keys are kept per (appid, openid), newest first.
 pub const SESSION_KEY_HISTORY: usize = 4;
+
+/// The bits of a table's hash that pick one of several mutexed tables. Neither end of the hash
+/// will do: hashbrown places an entry by its low bits and tags it with its top seven, which it
+/// compares before the keys. Tables picked by the top bits, as these were, hold entries whose
+/// tags differ in only a bit or three, and every lookup compared keys (a cache miss each) with
+/// most of the entries it probed. Bits 32 and up are clear of a table's index below 2^32 buckets.
+pub(crate) fn shard_bits(hash: u64) -> usize {
+    (hash >> 32) as usize & 0xffff
+}
 /// The longest user_id, openid, unionid or phone number a session holds. WeChat's ids are 28
 /// characters and wxgate's own user ids 34; anything near this is not an id.
 pub const MAX_ID_LEN: usize = 128;
@@ -401,6 +410,22 @@ pub trait SessionStore: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The entries one shard gets still differ in the bits hashbrown tags them with (the top
+    /// seven: all 128 tags occur) and in the bits that place them (low ones).
+    #[test]
+    fn a_shard_leaves_the_tag_and_index_bits_free() {
+        use std::hash::BuildHasher;
+        let hasher = std::hash::RandomState::new();
+        let shard: Vec<u64> = (0..200_000u64)
+            .map(|i| hasher.hash_one(i))
+            .filter(|&h| shard_bits(h).is_multiple_of(64))
+            .collect();
+        let tags: std::collections::HashSet<u64> = shard.iter().map(|h| h >> 57).collect();
+        let places: std::collections::HashSet<u64> = shard.iter().map(|h| h & 0xfff).collect();
+        assert_eq!(tags.len(), 128, "{} entries", shard.len());
+        assert!(places.len() > 1_500, "{} places", places.len());
+    }
 
     fn ids<'a>(unionid: Option<&'a str>, phone: Option<&'a str>) -> SessionIds<'a> {
         SessionIds {
