@@ -2,7 +2,7 @@
 //! by construction — route names come from the config, error codes from [`crate::error::Error::code`],
 //! statuses are numbers — so no request can create a new time series at will.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -65,15 +65,41 @@ struct StoreLabels {
     store: &'static str,
 }
 
-/// How many (route, status) series [`Metrics::observe_request`] keeps handles to.
+/// How many series of each kind [`Kept`] holds handles to.
 const RECENT_SERIES: usize = 64;
 
-/// The handles of one (route, status) series of the request metrics.
-struct RouteSeries {
-    route: Arc<str>,
-    status: u16,
-    requests: Counter,
-    duration: Histogram,
+/// Handles to the series used so far, found by the labels as the caller holds them (compared, not
+/// hashed into a label set as a family lookup does) so that the counting on every request or login
+/// hashes nothing. At most [`RECENT_SERIES`]; others are counted through their family each time.
+struct Kept<K, M>(RwLock<Vec<(K, M)>>);
+
+impl<K, M> Kept<K, M> {
+    fn new() -> Self {
+        Kept(RwLock::new(Vec::new()))
+    }
+
+    /// `count`s into the series whose key `is` says is the one: a kept handle, or the one `make`
+    /// finds in the family (kept with its key, when there is room).
+    fn count(
+        &self,
+        is: impl Fn(&K) -> bool,
+        make: impl FnOnce() -> (K, M),
+        count: impl FnOnce(&M),
+    ) {
+        {
+            let kept = self.0.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, handles)) = kept.iter().find(|(k, _)| is(k)) {
+                count(handles);
+                return;
+            }
+        }
+        let (key, handles) = make();
+        count(&handles);
+        let mut kept = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < RECENT_SERIES && !kept.iter().any(|(k, _)| is(k)) {
+            kept.push((key, handles));
+        }
+    }
 }
 
 /// How checking a request's credential ended: the `result` label of `token_verifications`.
@@ -145,10 +171,14 @@ pub struct Metrics {
     logins: Family<LoginLabels, Counter>,
     wechat_calls: Family<WechatLabels, Counter>,
     wechat_duration: Family<EndpointLabels, Histogram>,
-    /// The request series used so far, found by the route label's allocation and the status, so
-    /// that counting a request hashes no labels (at most [`RECENT_SERIES`]; others go through the
-    /// families).
-    recent: RwLock<Vec<RouteSeries>>,
+    /// `http_requests` and `http_request_duration` by (route, status). A route or app is known by
+    /// its label's allocation: the routes and apps hold theirs for the life of the process, so
+    /// comparing addresses is comparing names without reading them.
+    recent: Kept<(Arc<str>, u16), (Counter, Histogram)>,
+    /// `logins` by (app, result).
+    recent_logins: Kept<(Arc<str>, &'static str), Counter>,
+    /// `wechat_calls` and `wechat_call_duration` by (endpoint, errcode).
+    recent_wechat: Kept<(&'static str, &'static str), (Counter, Histogram)>,
     /// `token_verifications` by [`Verification`], resolved once: every authenticated request counts
     /// one, without hashing its label.
     verified: [Counter; 4],
@@ -254,7 +284,9 @@ impl Metrics {
             logins,
             wechat_calls,
             wechat_duration,
-            recent: RwLock::new(Vec::new()),
+            recent: Kept::new(),
+            recent_logins: Kept::new(),
+            recent_wechat: Kept::new(),
             verified: Verification::ALL.map(|result| {
                 verifications
                     .get_or_create(&ResultLabels {
@@ -269,44 +301,31 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn observe_request(&self, route: &Arc<str>, status: u16, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        {
-            let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
-            // The same label allocation is the same route (the entry's clone keeps it alive).
-            if let Some(series) = recent
-                .iter()
-                .find(|s| s.status == status && Arc::ptr_eq(&s.route, route))
-            {
-                series.requests.inc();
-                series.duration.observe(seconds);
-                return;
-            }
-        }
-        let label = RouteLabel(route.clone());
-        let duration = self
-            .duration
-            .get_or_create(&RouteLabels {
-                route: label.clone(),
-            })
-            .clone();
-        let requests = self
-            .requests
-            .get_or_create(&RequestLabels {
-                route: label,
-                status,
-            })
-            .clone();
-        requests.inc();
-        duration.observe(seconds);
-        let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
-        if recent.len() < RECENT_SERIES {
-            recent.push(RouteSeries {
-                route: route.clone(),
-                status,
-                requests,
-                duration,
-            });
-        }
+        let make = || {
+            let label = RouteLabel(route.clone());
+            let duration = self
+                .duration
+                .get_or_create(&RouteLabels {
+                    route: label.clone(),
+                })
+                .clone();
+            let requests = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: label,
+                    status,
+                })
+                .clone();
+            ((route.clone(), status), (requests, duration))
+        };
+        self.recent.count(
+            |(r, s)| *s == status && Arc::ptr_eq(r, route),
+            make,
+            |(requests, duration)| {
+                requests.inc();
+                duration.observe(elapsed.as_secs_f64());
+            },
+        );
     }
 
     pub fn count_error(&self, code: &'static str) {
@@ -317,22 +336,46 @@ impl Metrics {
 
     /// One login attempt of `app`: `result` is `ok` or the error code.
     pub fn count_login(&self, app: &Arc<str>, result: &'static str) {
-        self.logins
-            .get_or_create(&LoginLabels {
-                app: RouteLabel(app.clone()),
-                result,
-            })
-            .inc();
+        let make = || {
+            let logins = self
+                .logins
+                .get_or_create(&LoginLabels {
+                    app: RouteLabel(app.clone()),
+                    result,
+                })
+                .clone();
+            ((app.clone(), result), logins)
+        };
+        self.recent_logins.count(
+            |(a, r)| *r == result && Arc::ptr_eq(a, app),
+            make,
+            |logins| {
+                logins.inc();
+            },
+        );
     }
 
     /// One call to WeChat's `endpoint` that ended with `errcode` (see [`errcode_label`]).
     pub fn observe_wechat(&self, endpoint: &'static str, errcode: &'static str, elapsed: Duration) {
-        self.wechat_calls
-            .get_or_create(&WechatLabels { endpoint, errcode })
-            .inc();
-        self.wechat_duration
-            .get_or_create(&EndpointLabels { endpoint })
-            .observe(elapsed.as_secs_f64());
+        let make = || {
+            let calls = self
+                .wechat_calls
+                .get_or_create(&WechatLabels { endpoint, errcode })
+                .clone();
+            let duration = self
+                .wechat_duration
+                .get_or_create(&EndpointLabels { endpoint })
+                .clone();
+            ((endpoint, errcode), (calls, duration))
+        };
+        self.recent_wechat.count(
+            |k| *k == (endpoint, errcode),
+            make,
+            |(calls, duration)| {
+                calls.inc();
+                duration.observe(elapsed.as_secs_f64());
+            },
+        );
     }
 
     /// One credential checked on a request.
@@ -404,6 +447,37 @@ mod tests {
         );
     }
 
+    /// Logins and WeChat calls counted again and again, through the kept handles, land in their
+    /// series, and each outcome in its own.
+    #[test]
+    fn logins_and_wechat_calls_count_into_their_series() {
+        let metrics = Metrics::new();
+        let shop: Arc<str> = Arc::from("shop");
+        let also_shop: Arc<str> = Arc::from("shop");
+        for _ in 0..3 {
+            metrics.count_login(&shop, "ok");
+            metrics.observe_wechat("jscode2session", "0", Duration::from_millis(2));
+        }
+        metrics.count_login(&also_shop, "ok");
+        metrics.count_login(&shop, "invalid_code");
+        metrics.observe_wechat("jscode2session", "40029", Duration::from_millis(2));
+        metrics.observe_wechat("stable_token", "0", Duration::from_millis(2));
+        let text = metrics.render();
+        for line in [
+            r#"wxgate_logins_total{app="shop",result="ok"} 4"#,
+            r#"wxgate_logins_total{app="shop",result="invalid_code"} 1"#,
+            r#"wxgate_wechat_requests_total{endpoint="jscode2session",errcode="0"} 3"#,
+            r#"wxgate_wechat_requests_total{endpoint="jscode2session",errcode="40029"} 1"#,
+            r#"wxgate_wechat_request_duration_seconds_count{endpoint="jscode2session"} 4"#,
+            r#"wxgate_wechat_request_duration_seconds_count{endpoint="stable_token"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in:\n{text}"
+            );
+        }
+    }
+
     /// Counting through the kept handles lands in the same series as through the families: a
     /// label spelled by another allocation, a new status, and more series than are kept.
     #[test]
@@ -441,6 +515,6 @@ mod tests {
             )),
             "{text}"
         );
-        assert_eq!(metrics.recent.read().unwrap().len(), RECENT_SERIES);
+        assert_eq!(metrics.recent.0.read().unwrap().len(), RECENT_SERIES);
     }
 }
