@@ -1167,44 +1167,23 @@ mod tests {
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
-        let rules = rules(&[], false);
-        let client = client("203.0.113.9");
-        let expected = ["", "a=1;b=2", "x=1"];
-
-        let mut map = HeaderMap::new();
-        for (name, value) in &pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        rules.prepare_request(&mut map, None, &client).unwrap();
-        let from_map: Vec<&str> = map
-            .get_all(header::COOKIE)
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .collect();
-        assert_eq!(from_map, expected);
-
-        let (head, spans) = head_lines(&pairs, &[]);
-        let lines = HeadLines {
-            text: &head,
-            spans: &spans,
+        let (from_map, from_text) = both_forms(
+            &rules(&[], false),
+            &pairs,
+            &[],
+            None,
+            &client("203.0.113.9"),
+        );
+        let cookies = |headers: Headers| -> Vec<String> {
+            headers
+                .into_iter()
+                .filter(|(name, _)| name == "cookie")
+                .map(|(_, value)| value)
+                .collect()
         };
-        let mut survey = Survey::new();
-        for (name, value) in lines.iter() {
-            survey.look(name, value);
-        }
-        let mut text = Vec::new();
-        rules
-            .write_request_headers(&mut text, lines, &survey, None, &client, None)
-            .unwrap();
-        let from_text: Vec<String> = written(&text)
-            .into_iter()
-            .filter(|(name, _)| name == "cookie")
-            .map(|(_, value)| value)
-            .collect();
-        assert_eq!(from_text, expected);
+        let expected = ["", "a=1;b=2", "x=1"];
+        assert_eq!(cookies(from_map), expected);
+        assert_eq!(cookies(from_text), expected);
     }
 
     #[test]
@@ -1288,6 +1267,47 @@ mod tests {
                 (name.to_ascii_lowercase(), value.trim().to_owned())
             })
             .collect()
+    }
+
+    /// (lower-case name, value) pairs.
+    type Headers = Vec<(String, String)>;
+
+    /// The headers each form of `rules` sends the backend for a client's `pairs` (the head spelled
+    /// by `spacing`, see [`head_lines`]): (the HeaderMap form's, the text form's), in order.
+    fn both_forms(
+        rules: &HeaderRules,
+        pairs: &[(String, String)],
+        spacing: &[u8],
+        identity: Option<&Identity>,
+        client: &ClientInfo,
+    ) -> (Headers, Headers) {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value.trim()).unwrap(),
+            );
+        }
+        rules.prepare_request(&mut map, identity, client).unwrap();
+        let from_map = map
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect();
+
+        let (head, spans) = head_lines(pairs, spacing);
+        let lines = HeadLines {
+            text: &head,
+            spans: &spans,
+        };
+        let mut survey = Survey::new();
+        for (name, value) in lines.iter() {
+            survey.look(name, value);
+        }
+        let mut text = Vec::new();
+        rules
+            .write_request_headers(&mut text, lines, &survey, identity, client, None)
+            .unwrap();
+        (from_map, written(&text))
     }
 
     /// `pairs` as the header lines of a request head, the way clients spell them: each line's
@@ -1427,32 +1447,8 @@ mod tests {
             let client = client("203.0.113.9");
             let id = identity();
             let identity = with_identity.then_some(&id);
-
-            let mut map = HeaderMap::new();
-            for (name, value) in &pairs {
-                map.append(
-                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    HeaderValue::from_str(value.trim()).unwrap(),
-                );
-            }
-            rules.prepare_request(&mut map, identity, &client).unwrap();
-            let mut from_map: Vec<(String, String)> = map
-                .iter()
-                .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
-                .collect();
-
-            let (head, spans) = head_lines(&pairs, &spacing);
-            let lines = HeadLines { text: &head, spans: &spans };
-            let mut survey = Survey::new();
-            for (name, value) in lines.iter() {
-                survey.look(name, value);
-            }
-            let mut text = Vec::new();
-            rules
-                .write_request_headers(&mut text, lines, &survey, identity, &client, None)
-                .unwrap();
-            let mut from_text = written(&text);
-
+            let (mut from_map, mut from_text) =
+                both_forms(&rules, &pairs, &spacing, identity, &client);
             from_map.sort();
             from_text.sort();
             prop_assert_eq!(from_text, from_map);
