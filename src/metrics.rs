@@ -171,13 +171,13 @@ pub struct Metrics {
     logins: Family<LoginLabels, Counter>,
     wechat_calls: Family<WechatLabels, Counter>,
     wechat_duration: Family<EndpointLabels, Histogram>,
-    /// `http_requests` and `http_request_duration` by (route, status). A route or app is known by
-    /// its label's allocation: the routes and apps hold theirs for the life of the process, so
-    /// comparing addresses is comparing names without reading them.
+    /// `requests` and `duration` by (route, status). A route or app is known by its label's
+    /// allocation, compared by address: the same allocation is the same name, and the clone kept
+    /// with the handles keeps it from being freed and reused for another.
     recent: Kept<(Arc<str>, u16), (Counter, Histogram)>,
     /// `logins` by (app, result).
     recent_logins: Kept<(Arc<str>, &'static str), Counter>,
-    /// `wechat_calls` and `wechat_call_duration` by (endpoint, errcode).
+    /// `wechat_calls` and `wechat_duration` by (endpoint, errcode).
     recent_wechat: Kept<(&'static str, &'static str), (Counter, Histogram)>,
     /// `token_verifications` by [`Verification`], resolved once: every authenticated request counts
     /// one, without hashing its label.

@@ -22,12 +22,13 @@ pub const SESSION_KEY_HISTORY: usize = 4;
 
 /// The bits of a table's hash that pick one of several mutexed tables. Neither end of the hash
 /// will do: hashbrown places an entry by its low bits and tags it with its top seven, which it
-/// compares before the keys. Tables picked by the top bits, as these were, hold entries whose
-/// tags differ in only a bit or three, and every lookup compared keys (a cache miss each) with
-/// most of the entries it probed. Bits 32 and up are clear of a table's index below 2^32 buckets.
+/// compares before the keys. In a table picked by the top bits the entries' tags would differ in
+/// only a bit or three, and a lookup would compare keys (a cache miss each) with most of the
+/// entries it probes. Bits 32 to 47 are clear of both below 2^32 buckets.
 pub(crate) fn shard_bits(hash: u64) -> usize {
     (hash >> 32) as usize & 0xffff
 }
+
 /// The longest user_id, openid, unionid or phone number a session holds. WeChat's ids are 28
 /// characters and wxgate's own user ids 34; anything near this is not an id.
 pub const MAX_ID_LEN: usize = 128;

@@ -440,8 +440,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The claims written by hand are the bytes serde writes, for any user id and times, and
-        /// they verify back to the same values.
+        /// The claims written by hand are the bytes serde writes, for any user id and times.
         #[test]
         fn minted_claims_are_what_serde_writes(
             user_id in proptest::prop_oneof![".{0,60}", "u_[0-9a-f]{32}"],
