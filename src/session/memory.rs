@@ -2,8 +2,10 @@
 //! megabytes and answer a lookup in well under a microsecond.
 //!
 //! Sessions live in 64 shards, each a dense `Vec<Arc<Session>>` with a `hashbrown` table of
-//! positions into it: the table's buckets are 4 bytes, so the store adds about 20 bytes to each
-//! session's own ~200. The position table is keyed by the session id's first eight bytes as they
+//! positions into it and, beside it, a column of the sessions' expiry times: the table's buckets
+//! are 4 bytes and so are the times, so the store adds about 25 bytes to each session's own ~200.
+//! Eviction and the sweep read only the column, so neither follows a pointer to a session it does
+//! not remove: with a million sessions, each such pointer is a miss in every cache. The position table is keyed by the session id's first eight bytes as they
 //! are: ids are 128 random bits minted here, so they are already uniformly spread, and a client can
 //! choose only the id it looks up, never the ids that are stored (lookups of chosen ids cost one
 //! probe sequence each; the table's layout stays random).
@@ -54,6 +56,9 @@ struct Shard {
     /// Positions in `entries`, hashed by [`sid_hash`].
     index: HashTable<u32>,
     entries: Vec<Arc<Session>>,
+    /// `entries[i].expires_at`, at the same positions: changed only with `entries`, by the methods
+    /// below.
+    expiry: Vec<u32>,
 }
 
 fn sid_hash(sid: &SessionId) -> u64 {
@@ -78,15 +83,22 @@ impl Shard {
     /// Adds `session`, or replaces the one with its id.
     fn put(&mut self, session: Arc<Session>) {
         if let Some(i) = self.position(&session.sid) {
-            self.entries[i] = session;
+            self.replace_at(i, session);
             return;
         }
         let hash = sid_hash(&session.sid);
         let position = u32::try_from(self.entries.len()).expect("fewer than 2^32 sessions a shard");
+        self.expiry.push(session.expires_at);
         self.entries.push(session);
         let entries = &self.entries;
         self.index
             .insert_unique(hash, position, |&i| sid_hash(&entries[i as usize].sid));
+    }
+
+    /// Puts `session` at `position`, in place of the session with its id.
+    fn replace_at(&mut self, position: usize, session: Arc<Session>) {
+        self.expiry[position] = session.expires_at;
+        self.entries[position] = session;
     }
 
     /// Removes the session at `position`; the last one takes its place.
@@ -108,6 +120,7 @@ impl Shard {
                 *bucket = position as u32;
             }
         }
+        self.expiry.swap_remove(position);
         self.entries.swap_remove(position)
     }
 
@@ -118,18 +131,18 @@ impl Shard {
 
     /// Makes room by removing the sampled session nearest its expiry. `seed` picks the sample.
     fn evict_one(&mut self, seed: u64) -> Arc<Session> {
-        let len = self.entries.len() as u64;
-        let victim = (0..EVICTION_SAMPLE as u64)
-            .map(|k| {
-                (seed
-                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                    .rotate_left(k as u32 * 8)
-                    % len) as usize
-            })
-            .min_by_key(|&i| self.entries[i].expires_at())
+        let victim = sample(seed, self.expiry.len())
+            .min_by_key(|&i| self.expiry[i])
             .expect("a non-empty sample");
         self.remove_at(victim)
     }
+}
+
+/// The positions, among `len`, that `seed` picks for an eviction.
+fn sample(seed: u64, len: usize) -> impl Iterator<Item = usize> {
+    (0..EVICTION_SAMPLE as u32).map(move |k| {
+        (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(k * 8) % len as u64) as usize
+    })
 }
 
 fn same(a: &RefreshHash, b: &RefreshHash) -> bool {
@@ -205,7 +218,7 @@ impl MemoryStore {
         let position = shard.position(sid)?;
         let old = shard.entries[position].clone();
         let new = Arc::new(change(&old)?);
-        shard.entries[position] = new.clone();
+        shard.replace_at(position, new.clone());
         Some((old, new))
     }
 
@@ -215,8 +228,8 @@ impl MemoryStore {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let mut i = 0;
-            while i < shard.entries.len() {
-                if shard.entries[i].expires_at() <= now {
+            while i < shard.expiry.len() {
+                if u64::from(shard.expiry[i]) <= now {
                     shard.remove_at(i);
                     removed += 1;
                 } else {
@@ -322,7 +335,7 @@ impl SessionStore for MemoryStore {
         }
         if same(&session.refresh, presented) {
             let rotated = Arc::new(session.rotated(next, expires_at));
-            shard.entries[position] = rotated.clone();
+            shard.replace_at(position, rotated.clone());
             drop(shard);
             self.replace_latest(&session, &rotated);
             Ok(Rotation::Rotated(rotated))
@@ -620,6 +633,76 @@ mod tests {
         assert_eq!(store.count(), Some(0));
         for sid in &sids {
             assert!(store.get(sid, 0).await.unwrap().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_follows_refreshes_and_removals() {
+        // Few shards' worth of sessions, so removals move sessions about within each shard.
+        let store = MemoryStore::new(10_000);
+        let mut sessions = Vec::new();
+        for i in 0..1_000usize {
+            let sid = SessionId::random();
+            let refresh = [(i % 256) as u8; 32];
+            store
+                .insert(session(sid, refresh, 1000), None)
+                .await
+                .unwrap();
+            sessions.push((sid, refresh));
+        }
+        // Every third is refreshed until 5000, and every fifth revoked.
+        for (i, (sid, refresh)) in sessions.iter().enumerate() {
+            if i % 3 == 0 {
+                let rotation = store
+                    .rotate_refresh(sid, refresh, [1; 32], 0, 5000)
+                    .await
+                    .unwrap();
+                assert!(matches!(rotation, Rotation::Rotated(_)), "{i}");
+            }
+        }
+        for (sid, _) in sessions.iter().step_by(5) {
+            assert!(store.revoke(sid).await.unwrap());
+        }
+        store.sweep(1000);
+        for (i, (sid, _)) in sessions.iter().enumerate() {
+            let kept = store.get(sid, 0).await.unwrap();
+            assert_eq!(kept.is_some(), i % 3 == 0 && i % 5 != 0, "{i}");
+            assert!(kept.is_none_or(|s| s.expires_at() == 5000), "{i}");
+        }
+        let left = (0..1_000).filter(|i| i % 3 == 0 && i % 5 != 0).count();
+        assert_eq!(store.count(), Some(left as u64));
+    }
+
+    #[test]
+    fn eviction_takes_the_sampled_session_nearest_its_expiry() {
+        // A shard whose sessions were moved about by removals and replaced by refreshes: each
+        // eviction must take, of the sessions its seed samples, the one that expires first.
+        let mut shard = Shard::default();
+        for i in 0..200u64 {
+            let expires = 1000 + (i * 7919) % 1000;
+            shard.put(Arc::new(session(SessionId::random(), [0; 32], expires)));
+        }
+        for position in (0..100).step_by(9) {
+            shard.remove_at(position);
+        }
+        for position in (0..150).step_by(4) {
+            let refreshed = shard.entries[position].rotated([1; 32], 5000 + position as u64);
+            shard.replace_at(position, Arc::new(refreshed));
+        }
+        for seed in 0..100u64 {
+            let seed = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let expected = sample(seed, shard.entries.len())
+                .map(|i| (shard.entries[i].expires_at(), shard.entries[i].sid))
+                .min_by_key(|&(expires, _)| expires)
+                .unwrap();
+            let evicted = shard.evict_one(seed);
+            assert_eq!(evicted.expires_at(), expected.0, "seed {seed}");
+            assert!(shard.get(&evicted.sid).is_none());
+        }
+        assert_eq!(shard.entries.len(), 200 - 12 - 100);
+        for (session, expires) in shard.entries.iter().zip(&shard.expiry) {
+            assert_eq!(session.expires_at(), u64::from(*expires));
+            assert!(shard.get(&session.sid).is_some());
         }
     }
 
