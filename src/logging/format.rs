@@ -262,6 +262,12 @@ struct Escaped<'a, 'writer>(&'a mut Writer<'writer>);
 
 impl fmt::Write for Escaped<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Control characters are U+0000-U+001F and U+007F (one byte each) and U+0080-U+009F
+        // (0xC2 and a second byte): text with none of those bytes, nearly all, goes as it is
+        // after one pass over its bytes instead of a walk through its characters.
+        if !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+            return self.0.write_str(s);
+        }
         let mut rest = s;
         while let Some(at) = rest.find(char::is_control) {
             self.0.write_str(&rest[..at])?;
@@ -459,6 +465,20 @@ mod tests {
     }
 
     proptest! {
+        /// Every control character, and nothing else, is written as its `\u{..}` escape.
+        #[test]
+        fn escaped_writes_control_characters_as_escapes(
+            text in "(\\PC|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]|\\u{a0}|\\u{c0}|é|王)*",
+        ) {
+            let mut ours = String::new();
+            Escaped(&mut Writer::new(&mut ours)).write_str(&text).unwrap();
+            let expected: String = text
+                .chars()
+                .map(|c| if c.is_control() { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() })
+                .collect();
+            prop_assert_eq!(ours, expected);
+        }
+
         /// The date and time of day agree with httpdate's, for every second to year 9999.
         #[test]
         fn date_time_agrees_with_httpdate(secs in 0u64..253_402_300_800) {
