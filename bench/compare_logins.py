@@ -3,6 +3,8 @@
 
     python3 bench/compare_logins.py OLD_BINARY NEW_BINARY                  # fixed answer, c=64, 8 rounds
     python3 bench/compare_logins.py OLD NEW --connections 500 --delay 0.05  # WeChat after 50 ms
+    python3 bench/compare_logins.py BIN BIN --new-setting session.max_sessions=20000 --fill 40s
+                                                                            # one build, two settings
 
 The host's speed drifts by a factor of two within an hour, so one versus.py run against another says
 little about a change to the login path. Here both builds run at once, each with `workers = 1` and
@@ -30,6 +32,10 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", default="8s")
     parser.add_argument("--delay", help="seconds WeChat takes to answer, e.g. 0.05 (default: at once)")
+    parser.add_argument("--new-setting", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a line of the new instance's configuration, e.g. session.max_sessions=20000")
+    parser.add_argument("--fill", help="load each instance this long before the rounds, e.g. 40s, so that "
+                        "both start them with full stores")
     args = parser.parse_args()
     versus.ARGS = argparse.Namespace(smoke=False)
     versus.need_tools()
@@ -44,6 +50,8 @@ def main():
         for side, binary in (("old", args.old), ("new", args.new)):
             port, admin = versus.free_port(), versus.free_port()
             conf = versus.wxgate_conf(f"wxgate-{side}", port, admin, 9, 1, wechat)
+            if side == "new":
+                with_settings(conf, args.new_setting)
             gate = versus.Service(f"wxgate-{side}", [str(Path(binary).resolve()), "--config", str(conf)],
                                   ready_url=f"http://127.0.0.1:{admin}/readyz")
             services.append(gate)
@@ -52,6 +60,9 @@ def main():
         script = versus.WORK / "login.lua"
         script.write_text((versus.ROOT / "bench/login.lua").read_text()
                           + (versus.ROOT / "bench/stats.lua").read_text())
+        if args.fill:
+            for _, _, url in gates:
+                versus.wrk(url, args.connections, 2, args.fill, {}, script=script)
         runs = {"old": [], "new": []}
         for round_ in range(args.rounds):
             for side, gate, url in gates if round_ % 2 == 0 else gates[::-1]:
@@ -72,6 +83,19 @@ def main():
         for service in services:
             service.stop()
         shutil.rmtree(versus.WORK, ignore_errors=True)
+
+
+def with_settings(conf, settings):
+    """Adds each `section.key=value` to the configuration file `conf`, under its `[section]`."""
+    text = conf.read_text()
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        section, _, key = name.strip().partition(".")
+        if not key or not value or f"[{section}]\n" not in text:
+            versus.fail(f"--new-setting {setting!r}: expected SECTION.KEY=VALUE with a section the "
+                        "benchmark's configuration has")
+        text = text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value.strip()}\n", 1)
+    conf.write_text(text)
 
 
 if __name__ == "__main__":
