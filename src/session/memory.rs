@@ -5,10 +5,12 @@
 //! positions into it and, beside it, a column of the sessions' expiry times: the table's buckets
 //! are 4 bytes and so are the times, so the store adds about 25 bytes to each session's own ~200.
 //! Eviction and the sweep read only the column, so neither follows a pointer to a session it does
-//! not remove: with a million sessions, each such pointer is a miss in every cache. The position table is keyed by the session id's first eight bytes as they
-//! are: ids are 128 random bits minted here, so they are already uniformly spread, and a client can
-//! choose only the id it looks up, never the ids that are stored (lookups of chosen ids cost one
-//! probe sequence each; the table's layout stays random).
+//! not remove: with a million sessions, each such pointer is a miss in every cache.
+//!
+//! The position table is keyed by the session id's first eight bytes as they are: ids are 128
+//! random bits minted here, so they are already uniformly spread, and a client can choose only the
+//! id it looks up, never the ids that are stored (lookups of chosen ids cost one probe sequence
+//! each; the table's layout stays random).
 //!
 //! A login's session_keys are kept with its session, and a second table points at the latest session
 //! of each (app, openid): that session's keys are the person's current ones in that app (WeChat
@@ -638,7 +640,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_follows_refreshes_and_removals() {
-        // Few shards' worth of sessions, so removals move sessions about within each shard.
+        // About 16 sessions a shard: each revocation moves a shard's last session into its place.
         let store = MemoryStore::new(10_000);
         let mut sessions = Vec::new();
         for i in 0..1_000usize {
@@ -676,7 +678,8 @@ mod tests {
     #[test]
     fn eviction_takes_the_sampled_session_nearest_its_expiry() {
         // A shard whose sessions were moved about by removals and replaced by refreshes: each
-        // eviction must take, of the sessions its seed samples, the one that expires first.
+        // eviction must take, of the sessions its seed samples, the one that expires first (the
+        // times are all different, so that one is a single session).
         let mut shard = Shard::default();
         for i in 0..200u64 {
             let expires = 1000 + (i * 7919) % 1000;
@@ -696,7 +699,7 @@ mod tests {
                 .min_by_key(|&(expires, _)| expires)
                 .unwrap();
             let evicted = shard.evict_one(seed);
-            assert_eq!(evicted.expires_at(), expected.0, "seed {seed}");
+            assert_eq!((evicted.expires_at(), evicted.sid), expected, "seed {seed}");
             assert!(shard.get(&evicted.sid).is_none());
         }
         assert_eq!(shard.entries.len(), 200 - 12 - 100);
