@@ -147,12 +147,10 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
         .with_writer(writer);
     match log.format {
         // Lines written for a fraction of the default format's cost (with the access log on, a
-        // line per request) and with control characters escaped; on a terminal, the default
-        // format itself, for its colours.
-        LogFormat::Text if std::io::stderr().is_terminal() => {
-            builder.fmt_fields(wxgate::logging::PlainFields).init()
-        }
+        // line per request), coloured on a terminal (unless NO_COLOR is set), with control
+        // characters escaped.
         LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && !no_color())
             .fmt_fields(wxgate::logging::PlainFields)
             .event_format(wxgate::logging::TextLine)
             .init(),
@@ -164,6 +162,11 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
             .init(),
     }
     Ok(guard)
+}
+
+/// Whether `NO_COLOR` asks for no colours (<https://no-color.org>): set, and not empty.
+fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }
 
 /// `GET /readyz` on the admin listener (on loopback when it listens on every address).

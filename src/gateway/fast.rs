@@ -30,15 +30,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-use tracing::Instrument;
 
-use super::{Gateway, Outcome, Page, X_REQUEST_ID, fresh_request_id, request_span, wants_html};
+use super::{Gateway, Outcome, Page, X_REQUEST_ID, fresh_request_id, wants_html};
 use crate::auth::Identity;
 use crate::auth::oauth::SESSION_COOKIE;
 use crate::auth::service::Via;
 use crate::body::{self, Body, BoxError};
 use crate::config::Config;
 use crate::error::Error;
+use crate::logging::RequestContext;
 use crate::proxy::headers::{self, ClientInfo, HeadLines, LineRuns, Span, Survey};
 use crate::proxy::raw::{self, Chunks, Framing, RawConn, RawPool, ResponseHead};
 use crate::routes;
@@ -785,8 +785,8 @@ impl Gateway {
                 .answer(lane, conn, &request, outcome, request_id, started)
                 .await;
         };
-        let span = request_span(&request.method, request_id, Some(&path));
-        let outcome = Box::pin(self.own_endpoint(path, own, client).instrument(span)).await;
+        let context = RequestContext::new(&request.method, request_id, Some(&path));
+        let outcome = Box::pin(context.scope(self.own_endpoint(path, own, client))).await;
         let response = self.finish(outcome, &request.method, request_id, started);
         conn.write_own(
             response,

@@ -22,6 +22,7 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::{self, Error};
 use crate::limits::RateLimits;
+use crate::logging::RequestContext;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::proxy::headers::{self, ClientInfo, HeaderRules};
@@ -221,9 +222,9 @@ impl Gateway {
     ) -> Response<Body> {
         let mut response = match outcome.result {
             Ok(response) => response,
-            // The span exists only now: a request that succeeds logs nothing but its access line,
-            // which carries the same fields, and creating a span costs as much as a token check.
-            Err(err) => request_span(method, request_id, outcome.path.as_deref())
+            // Named only now: a proxied request that succeeds logs nothing but its access line,
+            // which carries the same fields.
+            Err(err) => RequestContext::new(method, request_id, outcome.path.as_deref())
                 .in_scope(|| error::respond(err, &self.metrics)),
         };
         if outcome.clear_cookie {
@@ -292,10 +293,10 @@ impl Gateway {
             // wxgate's own endpoints log (logins, merges, refusals): their lines carry the request.
             // Boxed: their futures (WeChat calls, store transactions, Redis) are large, and inline
             // they would make every proxied request's future as large, copied at each move.
-            let span = request_span(request.method(), request_id, Some(&path));
+            let context = RequestContext::new(request.method(), request_id, Some(&path));
             let (parts, incoming) = request.into_parts();
             let request = Request::from_parts(parts, body::boxed(incoming));
-            return Box::pin(self.own_endpoint(path, request, client).instrument(span)).await;
+            return Box::pin(context.scope(self.own_endpoint(path, request, client))).await;
         }
         self.forward(path, request, client).await
     }
@@ -691,16 +692,6 @@ fn fresh_request_id() -> HeaderValue {
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text))
         .expect("a UUID is a valid header value")
-}
-
-/// The span of one request, for whatever it logs.
-fn request_span(method: &Method, request_id: &HeaderValue, path: Option<&str>) -> tracing::Span {
-    tracing::info_span!(
-        "request",
-        %method,
-        request_id = request_id.to_str().unwrap_or("-"),
-        path = path.unwrap_or("-"),
-    )
 }
 
 const VERIFY_EXPECTED: &str = "Send the original request's method and URI in X-Forwarded-Method and X-Forwarded-Uri (or X-Original-Method and X-Original-URI).";

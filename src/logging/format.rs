@@ -9,7 +9,8 @@
 //! control characters in messages and in values shown with `%`, newlines included, so one event
 //! stays one line. One difference: an error value with sources is written as one chain joined by
 //! `: ` rather than with a separate `.sources` list. [`TextLine`] writes the whole line as the
-//! default format does without colours, without the styling calls it makes even then.
+//! default format does without colours, without the styling calls it makes even then, and names
+//! the request being served; on a terminal it adds colours of its own.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
@@ -104,9 +105,32 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// `<timestamp> <level> <span>{<its fields>}:... <target>: <fields>`, byte for byte the line of
 /// `tracing-subscriber`'s default format with colours off, [`UtcMicros`] and [`PlainFields`]. That
 /// format runs every piece of the line through a styling call that writes nothing when colours are
-/// off; on a terminal, where colours are on, wxgate uses it as it is.
+/// off. The request being served ([`RequestContext`](super::RequestContext)) is written first, as
+/// a span named `request` holding its fields would be.
+///
+/// With colours on (a terminal), the timestamp and the target are dimmed and the level coloured;
+/// without the colour codes the line is the same.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TextLine;
+
+/// `tracing-subscriber`'s colours for the levels, the level padded to five characters.
+fn level(level: Level, colours: bool) -> &'static str {
+    match (level, colours) {
+        (Level::TRACE, false) => " TRACE ",
+        (Level::DEBUG, false) => " DEBUG ",
+        (Level::INFO, false) => "  INFO ",
+        (Level::WARN, false) => "  WARN ",
+        (Level::ERROR, false) => " ERROR ",
+        (Level::TRACE, true) => " \x1b[35mTRACE\x1b[0m ",
+        (Level::DEBUG, true) => " \x1b[34mDEBUG\x1b[0m ",
+        (Level::INFO, true) => " \x1b[32m INFO\x1b[0m ",
+        (Level::WARN, true) => " \x1b[33m WARN\x1b[0m ",
+        (Level::ERROR, true) => " \x1b[31mERROR\x1b[0m ",
+    }
+}
+
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
 
 impl<S> FormatEvent<S, PlainFields> for TextLine
 where
@@ -119,19 +143,30 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
+        let colours = writer.has_ansi_escapes();
+        if colours {
+            writer.write_str(DIM)?;
+        }
         UtcMicros.format_time(&mut writer)?;
-        writer.write_str(match *meta.level() {
-            Level::TRACE => " TRACE ",
-            Level::DEBUG => " DEBUG ",
-            Level::INFO => "  INFO ",
-            Level::WARN => "  WARN ",
-            Level::ERROR => " ERROR ",
+        if colours {
+            writer.write_str(RESET)?;
+        }
+        writer.write_str(level(*meta.level(), colours))?;
+        let mut prefixed = false;
+        super::request::with_current(|request| {
+            prefixed = true;
+            writer.write_str("request{method=")?;
+            Escaped(&mut writer).write_str(request.method())?;
+            writer.write_str(" request_id=")?;
+            quoted(&mut writer, request.request_id())?;
+            writer.write_str(" path=")?;
+            quoted(&mut writer, request.path())?;
+            writer.write_str("}:")
         })?;
         if let Some(scope) = ctx.event_scope() {
-            let mut seen = false;
             for span in scope.from_root() {
                 writer.write_str(span.name())?;
-                seen = true;
+                prefixed = true;
                 let extensions = span.extensions();
                 if let Some(fields) = extensions.get::<FormattedFields<PlainFields>>()
                     && !fields.is_empty()
@@ -142,14 +177,36 @@ where
                 }
                 writer.write_char(':')?;
             }
-            if seen {
-                writer.write_char(' ')?;
-            }
+        }
+        if prefixed {
+            writer.write_char(' ')?;
+        }
+        if colours {
+            writer.write_str(DIM)?;
         }
         writer.write_str(meta.target())?;
         writer.write_str(": ")?;
+        if colours {
+            writer.write_str(RESET)?;
+        }
         ctx.format_fields(writer.by_ref(), event)?;
         writer.write_char('\n')
+    }
+}
+
+/// `value` as `Debug` writes a string: quoted, with quotes, backslashes and control characters
+/// escaped.
+fn quoted(writer: &mut Writer<'_>, value: &str) -> fmt::Result {
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        // What `Debug` writes for such a string, without walking it a character at a time.
+        writer.write_char('"')?;
+        writer.write_str(value)?;
+        writer.write_char('"')
+    } else {
+        write!(writer, "{value:?}")
     }
 }
 
@@ -225,17 +282,8 @@ impl Visit for PlainVisitor<'_> {
         }
         self.result = if field.name() == "message" {
             Escaped(&mut self.writer).write_str(value)
-        } else if value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-        {
-            // What `Debug` writes for such a string, without walking it a character at a time.
-            self.writer
-                .write_char('"')
-                .and_then(|()| self.writer.write_str(value))
-                .and_then(|()| self.writer.write_char('"'))
         } else {
-            write!(self.writer, "{value:?}")
+            quoted(&mut self.writer, value)
         };
     }
 
@@ -385,6 +433,112 @@ mod tests {
         ] {
             assert!(ours.contains(expected), "{expected:?} in\n{ours}");
         }
+    }
+
+    /// What is logged while serving a request: lines of its own, in a span of a library's, and
+    /// with values a client chose.
+    fn request_events() {
+        tracing::info!(user_id = "u1", new_user = false, "login");
+        let _inner = tracing::debug_span!("query", n = 2).entered();
+        tracing::warn!(path = "/quo\"te", "store slow");
+    }
+
+    /// `request_events()` logged while serving `(method, id, path)`: with a [`RequestContext`] and
+    /// [`TextLine`] (`ours`), or in the span named `request` it stands for, through
+    /// `tracing-subscriber`'s default format. Timestamps are replaced by `T`.
+    fn request_lines(
+        ours: bool,
+        colours: bool,
+        (method, id, path): (&str, &[u8], Option<&str>),
+    ) -> String {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(colours)
+            .with_max_level(Level::TRACE)
+            .with_timer(UtcMicros)
+            .fmt_fields(PlainFields);
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let id = http::HeaderValue::from_bytes(id).unwrap();
+        let context = crate::logging::RequestContext::new(&method, &id, path);
+        if ours {
+            let dispatch = tracing::Dispatch::new(builder.event_format(TextLine).finish());
+            tracing::dispatcher::with_default(&dispatch, || context.in_scope(request_events));
+        } else {
+            let dispatch = tracing::Dispatch::new(builder.finish());
+            tracing::dispatcher::with_default(&dispatch, || {
+                let span = tracing::info_span!(
+                    "request",
+                    %method,
+                    request_id = id.to_str().unwrap_or("-"),
+                    path = path.unwrap_or("-"),
+                );
+                span.in_scope(request_events);
+            });
+        }
+        out.text()
+            .lines()
+            .map(|line| {
+                let at = line.find('Z').expect("a timestamp");
+                format!("T{}\n", &line[at + 1..])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_request_is_named_as_its_span_would_be() {
+        for request in [
+            ("POST", &b"abc-123"[..], Some("/auth/login")),
+            ("GET", b"odd \"id\"", Some("/a b\"c\n\u{1b}[31m")),
+            ("PURGE", b"\xff not text", None),
+        ] {
+            let ours = request_lines(true, false, request);
+            assert_eq!(ours, request_lines(false, false, request));
+            assert_eq!(ours.lines().count(), 2, "{ours}");
+            assert!(ours.starts_with("T  INFO request{method="), "{ours}");
+        }
+        assert_eq!(
+            request_lines(true, false, ("POST", b"abc-123", Some("/auth/login"))),
+            "T  INFO request{method=POST request_id=\"abc-123\" path=\"/auth/login\"}: \
+             wxgate::logging::format::tests: login user_id=\"u1\" new_user=false\n\
+             T  WARN request{method=POST request_id=\"abc-123\" path=\"/auth/login\"}:query{n=2}: \
+             wxgate::logging::format::tests: store slow path=\"/quo\\\"te\"\n"
+        );
+        let unnamed = request_lines(true, false, ("PURGE", b"\xff not text", None));
+        assert!(
+            unnamed.contains("request{method=PURGE request_id=\"-\" path=\"-\"}:"),
+            "{unnamed}"
+        );
+    }
+
+    #[test]
+    fn on_a_terminal_only_colours_are_added() {
+        let request = ("POST", &b"abc-123"[..], Some("/a\u{1b}[31m"));
+        let coloured = request_lines(true, true, request);
+        assert!(
+            coloured.contains("\u{1b}[32m INFO\u{1b}[0m"),
+            "{coloured:?}"
+        );
+        assert!(
+            coloured.contains("\u{1b}[33m WARN\u{1b}[0m"),
+            "{coloured:?}"
+        );
+        // Without its colour codes (`ESC [ digits m`), the line is the one written without colours.
+        let mut stripped = String::new();
+        let mut rest = coloured.as_str();
+        while let Some(at) = rest.find('\u{1b}') {
+            stripped.push_str(&rest[..at]);
+            let end = rest[at..].find('m').expect("a colour code ends with m");
+            assert!(
+                rest[at + 2..at + end].bytes().all(|b| b.is_ascii_digit()),
+                "{coloured:?}"
+            );
+            rest = &rest[at + end + 1..];
+        }
+        stripped.push_str(rest);
+        assert_eq!(stripped, request_lines(true, false, request));
+        // A client's escape sequence is escaped, never passed on.
+        assert!(stripped.contains(r#"path="/a\u{1b}[31m""#), "{stripped}");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use tracing_subscriber::registry::LookupSpan;
 use super::UtcMicros;
 
 /// `{"timestamp":..,"level":..,<the event's fields>,"target":..,"span":{<its fields>,"name":..}}`.
-/// Span fields are formatted by [`JsonFields`], which keeps them as a JSON object.
+/// Span fields are formatted by [`JsonFields`], which keeps them as a JSON object. Outside any
+/// span, the request being served ([`RequestContext`](super::RequestContext)) is written as the
+/// span named `request` holding its fields would be.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JsonLine;
 
@@ -74,6 +76,17 @@ where
                 string(&mut writer, span.name())?;
                 writer.write_char('}')?;
             }
+        } else {
+            // The request being served, as the span named `request` it stands for would be.
+            super::request::with_current(|request| {
+                writer.write_str(",\"span\":{\"method\":")?;
+                string(&mut writer, request.method())?;
+                writer.write_str(",\"path\":")?;
+                string(&mut writer, request.path())?;
+                writer.write_str(",\"request_id\":")?;
+                string(&mut writer, request.request_id())?;
+                writer.write_str(",\"name\":\"request\"}")
+            })?;
         }
         writer.write_str("}\n")
     }
@@ -201,6 +214,7 @@ mod tests {
     use std::io;
 
     use proptest::prelude::*;
+    use tracing::Instrument;
 
     use crate::logging::fixtures::{Captured, Chained, access_line};
 
@@ -289,6 +303,80 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(line).unwrap();
             assert!(value.is_object(), "{line}");
         }
+    }
+
+    /// Lines logged by a task serving a request `(id, path)`, across an await: with a
+    /// [`RequestContext`](crate::logging::RequestContext) and [`JsonLine`] (`ours`), or in the span
+    /// named `request` it stands for, through `tracing-subscriber`'s JSON format. Timestamps are
+    /// replaced by `T`.
+    async fn request_lines(ours: bool, id: &str, path: Option<&str>) -> Vec<String> {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt().with_writer(out.clone());
+        let subscriber: Box<dyn Subscriber + Send + Sync> = if ours {
+            Box::new(
+                builder
+                    .fmt_fields(JsonFields::new())
+                    .event_format(JsonLine)
+                    .finish(),
+            )
+        } else {
+            Box::new(
+                builder
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .finish(),
+            )
+        };
+        let _default = tracing::subscriber::set_default(subscriber);
+        let served = async {
+            tracing::info!(user_id = "u1", "login");
+            tokio::task::yield_now().await;
+            let outer = tracing::info_span!("outer");
+            outer.in_scope(|| tracing::warn!("in a span of its own"));
+            tracing::info!("after an await");
+        };
+        if ours {
+            let id = http::HeaderValue::from_str(id).unwrap();
+            let context = crate::logging::RequestContext::new(&http::Method::POST, &id, path);
+            context.scope(served).await;
+        } else {
+            let span = tracing::info_span!(
+                "request",
+                method = %http::Method::POST,
+                request_id = id,
+                path = path.unwrap_or("-"),
+            );
+            served.instrument(span).await;
+        }
+        tracing::info!("served");
+        out.text()
+            .lines()
+            .map(|line| {
+                let rest = line.strip_prefix("{\"timestamp\":\"").unwrap();
+                format!("{{\"timestamp\":\"T{}", &rest[27..])
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_request_is_named_as_its_span_would_be() {
+        for (id, path) in [("abc-123", Some("/auth/login")), ("\"q\"\t", None)] {
+            let ours = request_lines(true, id, path).await;
+            assert_eq!(ours, request_lines(false, id, path).await);
+            assert_eq!(ours.len(), 4, "{ours:#?}");
+        }
+        let ours = request_lines(true, "abc-123", Some("/auth/login")).await;
+        let named = r#""span":{"method":"POST","path":"/auth/login","request_id":"abc-123","name":"request"}}"#;
+        assert!(ours[0].ends_with(named), "{}", ours[0]);
+        assert!(
+            ours[1].ends_with(r#""span":{"name":"outer"}}"#),
+            "{}",
+            ours[1]
+        );
+        assert!(ours[2].ends_with(named), "{}", ours[2]);
+        assert!(!ours[3].contains("span"), "{}", ours[3]);
     }
 
     #[test]

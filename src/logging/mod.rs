@@ -1,14 +1,16 @@
 //! Logging: what a line looks like, as text ([`TextLine`], [`UtcMicros`], [`PlainFields`]) or JSON
-//! ([`JsonLine`]), and where every line goes ([`LogSink`]). All of it is on the request path when the
-//! access log is on, one line per request. Nothing here decides what is logged; secrets are kept out
-//! where events are made.
+//! ([`JsonLine`]), the request a line is logged for ([`RequestContext`]), and where every line goes
+//! ([`LogSink`]). All of it is on the request path when the access log is on, one line per request.
+//! Nothing here decides what is logged; secrets are kept out where events are made.
 
 mod format;
 mod json;
+mod request;
 mod sink;
 
 pub use format::{PlainFields, TextLine, UtcMicros};
 pub use json::JsonLine;
+pub use request::RequestContext;
 pub use sink::{LogSink, SinkGuard};
 
 /// `error`, then each of its sources after `: `, as one text.

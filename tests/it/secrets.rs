@@ -143,6 +143,7 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
     secrets.push(code.clone());
     let login = post("/auth/login", json!({ "code": code }), None).await;
     assert_eq!(login.status, 200);
+    let login_request = login.headers["x-request-id"].to_str().unwrap().to_owned();
     let tokens = login.json();
     let access = tokens["access_token"].as_str().unwrap().to_owned();
     let refresh = tokens["refresh_token"].as_str().unwrap().to_owned();
@@ -260,6 +261,19 @@ async fn no_secret_code_token_or_session_key_is_ever_logged() {
         .unwrap();
     assert!(log.contains("login"), "the log was captured");
     assert!(log.lines().count() > 50, "trace logging was on");
+    // The login's line names the request it was logged for, as every line of an /auth request does.
+    let named = format!(
+        " INFO request{{method=POST request_id=\"{login_request}\" path=\"/auth/login\"}}: \
+         wxgate::auth::login: login app=shop user_id="
+    );
+    let logins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("wxgate::auth::login: login "))
+        .collect();
+    assert!(
+        logins.iter().any(|l| l.contains(&named)),
+        "{named} in {logins:#?}"
+    );
     for secret in &secrets {
         // Tokens could be logged in part, too: look for any long piece of each.
         let probe = &secret[..secret.len().min(16)];
