@@ -132,15 +132,21 @@ def descendants(pid):
     return found
 
 
-def cpu_seconds(pids):
-    total = 0
+def cpu_split(pids):
+    """CPU seconds `pids` have used so far: (in user space, in the kernel)."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids):
+    return sum(cpu_split(pids))
 
 
 def status_kib(pids, field):
@@ -772,22 +778,29 @@ def run_logins(workers, wxgate_bin, services, public):
                 wrk(direct, connections, 2, ARGS.warmup, {})
                 alone.append(wrk(direct, connections, 2, ARGS.duration, {}))
             def passthrough():
+                """The public route's rate, and wxgate's CPU µs per request (user, system)."""
                 wrk(public.url, ARGS.connections, 2, ARGS.warmup, public.headers)
+                before = cpu_split(public.pids())
                 stats = wrk(public.url, ARGS.connections, 2, ARGS.duration, public.headers)
+                used = per_request(before, cpu_split(public.pids()), stats)
                 if failed(stats):
                     fail(f"the public route beside the logins failed {failed(stats)} requests")
-                return stats["rps"]
+                return stats["rps"], used
             beside = passthrough() if r % 2 else None  # the order alternates round by round
             wrk(url, connections, 2, ARGS.warmup, {}, script=script)
-            before = cpu_seconds(gate.pids())
+            before = cpu_split(gate.pids())
             stats = wrk(url, connections, 2, ARGS.duration, {}, script=script)
-            cpu_used = cpu_seconds(gate.pids()) - before
+            used = per_request(before, cpu_split(gate.pids()), stats)
             beside = beside or passthrough()
-            runs.append((stats, cpu_used, stats["rps"] / beside))
+            runs.append((stats, used, stats["rps"] / beside[0], beside[1]))
         rps = [r[0]["rps"] for r in runs]
         errors = sum(failed(r[0]) for r in runs)
-        cpu = median([r[1] / r[0]["requests"] * 1e6 for r in runs])
+        cpu = median([sum(r[1]) for r in runs])
         ratio = median([r[2] for r in runs])
+        if wechat == fixed_port:
+            split = [median([r[1][0] for r in runs]), median([r[1][1] for r in runs]),
+                     median([r[3][0] for r in runs]), median([r[3][1] for r in runs]),
+                     median([sum(r[1]) / sum(r[3]) for r in runs])]
         results[label] = (median(rps), median([r[0]["p99"] for r in runs]), errors, ratio)
         print(f"| {label} | {connections} | {median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) "
               f"| {ms(median([r[0]['p50'] for r in runs]))} "
@@ -800,6 +813,11 @@ def run_logins(workers, wxgate_bin, services, public):
                   f"| {median(rps_alone):,.0f} ({min(rps_alone):,.0f}–{max(rps_alone):,.0f}) "
                   f"| {ms(median([a['p50'] for a in alone]))} | {ms(median([a['p99'] for a in alone]))} "
                   f"| {ms(median([a['p999'] for a in alone]))} | {errors_alone} | – | – |")
+    user, system, public_user, public_system, times = split
+    print(f"\nwxgate's CPU per request in the fixed-answer rounds, medians: a login {user:.1f} µs in "
+          f"user space and {system:.1f} in the kernel, a public request beside it {public_user:.1f} "
+          f"and {public_system:.1f}; a login costs {times:.2f} public requests (70% of the "
+          f"pass-through rate needs about {1 / 0.7:.2f})")
     if not ARGS.smoke:
         fixed = results["nginx, fixed answer"][3]
         slow_rps, slow_p99, slow_errors, _ = results["nginx after 50 ms"]
@@ -815,6 +833,11 @@ def run_logins(workers, wxgate_bin, services, public):
         print(f"- {'met' if slow_p99 <= alone_p99 + 5000 else 'MISSED'}: p99 ≤ the stand-in's own "
               f"p99 + 5 ms ({ms(slow_p99)} against {ms(alone_p99)} + 5 ms)")
         print(f"- {'met' if slow_errors == 0 else 'MISSED'}: no errors ({slow_errors})")
+
+
+def per_request(before, after, stats):
+    """CPU µs per request of a run, (user, system), from `cpu_split` before and after it."""
+    return tuple((b - a) / stats["requests"] * 1e6 for a, b in zip(before, after))
 
 
 def idle_rss(wxgate_bin, backend, wechat):
