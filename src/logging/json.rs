@@ -240,12 +240,11 @@ mod tests {
         tracing::error!(error = %"plain display", "a span without fields");
     }
 
-    /// What wxgate's JSON subscriber (`json_line`) or `tracing-subscriber`'s JSON format writes for
-    /// `emit(path)`, each line's timestamp replaced by a placeholder.
-    fn lines(json_line: bool, path: &str) -> Vec<String> {
-        let out = Captured::default();
+    /// wxgate's JSON subscriber (`json_line`) or `tracing-subscriber`'s JSON format, writing to
+    /// `out`.
+    fn subscriber(json_line: bool, out: &Captured) -> Box<dyn Subscriber + Send + Sync> {
         let builder = tracing_subscriber::fmt().with_writer(out.clone());
-        let subscriber: Box<dyn Subscriber + Send + Sync> = if json_line {
+        if json_line {
             Box::new(
                 builder
                     .fmt_fields(JsonFields::new())
@@ -261,10 +260,13 @@ mod tests {
                     .with_span_list(false)
                     .finish(),
             )
-        };
-        tracing::subscriber::with_default(subscriber, || emit(path));
-        let text = out.text();
-        text.lines()
+        }
+    }
+
+    /// The lines written to `out`, each one's timestamp replaced by a placeholder.
+    fn without_timestamps(out: &Captured) -> Vec<String> {
+        out.text()
+            .lines()
             .map(|line| {
                 let rest = line
                     .strip_prefix("{\"timestamp\":\"")
@@ -273,6 +275,14 @@ mod tests {
                 format!("{{\"timestamp\":\"T{}", &rest[27..])
             })
             .collect()
+    }
+
+    /// What wxgate's JSON subscriber (`json_line`) or `tracing-subscriber`'s JSON format writes for
+    /// `emit(path)`, each line's timestamp replaced by a placeholder.
+    fn lines(json_line: bool, path: &str) -> Vec<String> {
+        let out = Captured::default();
+        tracing::subscriber::with_default(subscriber(json_line, &out), || emit(path));
+        without_timestamps(&out)
     }
 
     #[test]
@@ -311,25 +321,7 @@ mod tests {
     /// replaced by `T`.
     async fn request_lines(ours: bool, id: &str, path: Option<&str>) -> Vec<String> {
         let out = Captured::default();
-        let builder = tracing_subscriber::fmt().with_writer(out.clone());
-        let subscriber: Box<dyn Subscriber + Send + Sync> = if ours {
-            Box::new(
-                builder
-                    .fmt_fields(JsonFields::new())
-                    .event_format(JsonLine)
-                    .finish(),
-            )
-        } else {
-            Box::new(
-                builder
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .finish(),
-            )
-        };
-        let _default = tracing::subscriber::set_default(subscriber);
+        let _default = tracing::subscriber::set_default(subscriber(ours, &out));
         let served = async {
             tracing::info!(user_id = "u1", "login");
             tokio::task::yield_now().await;
@@ -351,13 +343,7 @@ mod tests {
             served.instrument(span).await;
         }
         tracing::info!("served");
-        out.text()
-            .lines()
-            .map(|line| {
-                let rest = line.strip_prefix("{\"timestamp\":\"").unwrap();
-                format!("{{\"timestamp\":\"T{}", &rest[27..])
-            })
-            .collect()
+        without_timestamps(&out)
     }
 
     #[tokio::test]
