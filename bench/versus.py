@@ -442,6 +442,16 @@ def socket_errors(stats):
     return stats["connect"] + stats["read"] + stats["write"] + stats["timeout"]
 
 
+def error_kinds(runs):
+    """What the errors of `runs` (wrk statistics) were, summed: wrk's socket errors by kind, and
+    answers of 400 or more."""
+    names = {"connect": "connect errors", "read": "read errors", "write": "write errors",
+             "timeout": "timeouts (no answer within wrk's 2 s)",
+             "status": "answers with a status of 400 or more"}
+    counts = {kind: sum(stats[kind] for stats in runs) for kind in names}
+    return ", ".join(f"{n:,} {names[kind]}" for kind, n in counts.items() if n)
+
+
 def failed(stats):
     """The requests of a run that expects success which did not get it (wrk counts every status of
     400 or more as a status error)."""
@@ -757,6 +767,7 @@ def run_logins(workers, wxgate_bin, services, public):
              ("wxgate mock-wechat", mock_port, ARGS.connections),
              ("nginx after 50 ms", slow_port, 500)]
     results = {}
+    errors_seen = []  # what each case's errors were, printed under the table
     alone = []  # the 50 ms stand-in loaded directly, one run per round
     for label, wechat, connections in cases:
         port, admin = free_port(), free_port()
@@ -795,6 +806,8 @@ def run_logins(workers, wxgate_bin, services, public):
             runs.append((stats, used, stats["rps"] / beside[0], beside[1]))
         rps = [r[0]["rps"] for r in runs]
         errors = sum(failed(r[0]) for r in runs)
+        if errors:
+            errors_seen.append(f"Errors with {label}: {error_kinds([r[0] for r in runs])}.")
         cpu = median([sum(r[1]) for r in runs])
         ratio = median([r[2] for r in runs])
         if wechat == fixed_port:
@@ -813,6 +826,8 @@ def run_logins(workers, wxgate_bin, services, public):
                   f"| {median(rps_alone):,.0f} ({min(rps_alone):,.0f}–{max(rps_alone):,.0f}) "
                   f"| {ms(median([a['p50'] for a in alone]))} | {ms(median([a['p99'] for a in alone]))} "
                   f"| {ms(median([a['p999'] for a in alone]))} | {errors_alone} | – | – |")
+    for line in errors_seen:
+        print(f"\n{line}")
     user, system, public_user, public_system, times = split
     print(f"\nwxgate's CPU per request in the fixed-answer rounds, medians: a login {user:.1f} µs in "
           f"user space and {system:.1f} in the kernel, a public request beside it {public_user:.1f} "
