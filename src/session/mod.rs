@@ -91,8 +91,9 @@ pub struct Session {
 
 /// The first 16 bytes of the SHA-256 of each of the last [`REMEMBERED_REFRESH_TOKENS`] refresh
 /// tokens used, in a ring. 128 bits are plenty to recognise a token presented again (a forger
-/// would need a second preimage of them), and keep a much refreshed session at a fixed ~270 bytes
-/// more instead of half a kilobyte and a growing vector.
+/// would need a second preimage of them), and keep a much refreshed session at a fixed size
+/// instead of a growing vector: 258 bytes in a 320-byte allocation, ~322 bytes more a session as
+/// `cargo bench --bench sessions_memory` measures it after 16 refreshes each.
 #[derive(Clone)]
 struct UsedRefresh {
     hashes: [[u8; 16]; REMEMBERED_REFRESH_TOKENS],
