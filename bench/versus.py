@@ -43,7 +43,9 @@ users, as in real traffic. In each round the 50 ms stand-in is also loaded alone
 same concurrency: what "WeChat's latency" is on this machine at that load, which wxgate's logins
 are held to; and wxgate's public route is loaded beside the logins (before them in one round, after
 in the next), so "× wxgate public" is the median of per-round ratios, like the matrix's headline.
-Last, wxgate's idle RSS.
+Under the login table: what any errors were (wrk's socket errors by kind, or answers of 400 and
+up), and wxgate's CPU per login and per public request in the fixed-answer rounds, each split into
+user space and kernel. Last, wxgate's idle RSS.
 
 Tools come from Debian's packages (nginx-light, libnginx-mod-http-js, haproxy, wrk, curl) and are
 installed when missing and running as root.

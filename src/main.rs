@@ -147,26 +147,23 @@ fn init_logging(log: &wxgate::config::LogConfig) -> std::io::Result<wxgate::logg
         .with_writer(writer);
     match log.format {
         // Lines written for a fraction of the default format's cost (with the access log on, a
-        // line per request), coloured on a terminal (unless NO_COLOR is set), with control
-        // characters escaped.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal() && !no_color())
-            .fmt_fields(wxgate::logging::PlainFields)
-            .event_format(wxgate::logging::TextLine)
-            .init(),
-        // One JSON object per line: the event's fields at the top level, the request span (method,
-        // request id, path) beside them.
+        // line per request), with control characters escaped. Coloured on a terminal, unless
+        // NO_COLOR is set (`tracing-subscriber`'s default); never elsewhere.
+        LogFormat::Text => match std::io::stderr().is_terminal() {
+            true => builder,
+            false => builder.with_ansi(false),
+        }
+        .fmt_fields(wxgate::logging::PlainFields)
+        .event_format(wxgate::logging::TextLine)
+        .init(),
+        // One JSON object per line: the event's fields at the top level, the request being served
+        // (method, request id, path) beside them as its `span`.
         LogFormat::Json => builder
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(wxgate::logging::JsonLine)
             .init(),
     }
     Ok(guard)
-}
-
-/// Whether `NO_COLOR` asks for no colours (<https://no-color.org>): set, and not empty.
-fn no_color() -> bool {
-    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }
 
 /// `GET /readyz` on the admin listener (on loopback when it listens on every address).
