@@ -11,10 +11,16 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::sql::{sql_identity_store, store_error};
+use super::sql::{Embedded, migrator, sql_identity_store, store_error};
 use super::{LoginIds, OpenIdLink, Phone, Resolved, StoreError, UserKey, UserRecord};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// `migrations/postgres/`, in order. A migration that has landed is never edited: databases hold
+/// its checksum.
+pub(super) const MIGRATIONS: &[Embedded] = &[(
+    1,
+    "identities",
+    include_str!("../../migrations/postgres/0001_identities.sql"),
+)];
 
 /// Connections per instance. Logins hold one for a few statements; returning users need one read.
 pub const POOL_SIZE: u32 = 8;
@@ -48,7 +54,7 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(store_error)?;
-        MIGRATOR.run(&pool).await.map_err(store_error)?;
+        migrator(MIGRATIONS).run(&pool).await.map_err(store_error)?;
         Ok(PostgresStore { pool })
     }
 

@@ -9,7 +9,37 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use sqlx::SqlSafeStr;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
 use super::{Resolved, StoreError};
+
+/// One migration of a store: its version, description and SQL, as in its file's name
+/// (`migrations/<store>/<version>_<description>.sql`) and text.
+pub(super) type Embedded = (i64, &'static str, &'static str);
+
+/// A store's migrations, compiled in. `sqlx::migrate!` would read the same files, but the macro
+/// builds sqlx's database drivers a second time, for the compiler (with SQLite's C source), which was
+/// a large part of a cold build. The migrations are the same: version, description, type and
+/// checksum (of the SQL) are what the macro made, and a test holds the checksums to the ones
+/// databases migrated by earlier builds already hold.
+pub(super) fn migrator(migrations: &[Embedded]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, description, sql)| {
+                let no_tx = sql.starts_with("-- no-transaction");
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    no_tx,
+                )
+            })
+            .collect(),
+    )
+}
 
 pub(super) fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError(Box::new(e))
@@ -379,3 +409,102 @@ macro_rules! sql_identity_store {
 }
 
 pub(super) use sql_identity_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Each store's list is its directory: every file, in order, with the version and description
+    /// its name gives and its text as it is. A migration added to the directory but not to the list
+    /// (or the other way round) fails here, not in production.
+    #[test]
+    fn the_embedded_migrations_are_the_directorys_files() {
+        for (store, embedded) in [
+            ("sqlite", super::super::sqlite::MIGRATIONS),
+            ("postgres", super::super::postgres::MIGRATIONS),
+        ] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(store);
+            let mut files: Vec<(i64, String, String)> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|entry| {
+                    let path = entry.unwrap().path();
+                    let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+                    let stem = name.strip_suffix(".sql").expect("only .sql files");
+                    let (version, description) = stem.split_once('_').unwrap();
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    (
+                        version.parse().unwrap(),
+                        description.replace('_', " "),
+                        text,
+                    )
+                })
+                .collect();
+            files.sort();
+            let listed: Vec<(i64, String, String)> = embedded
+                .iter()
+                .map(|&(v, d, sql)| (v, d.to_owned(), sql.to_owned()))
+                .collect();
+            assert_eq!(listed, files, "migrations/{store}");
+        }
+    }
+
+    /// Databases migrated by earlier builds (through `sqlx::migrate!`) hold these rows; a
+    /// checksum that differs makes sqlx refuse to start on them. Recorded from the macro's
+    /// migrators, so the embedded ones must match them exactly.
+    #[test]
+    fn the_migrations_are_those_existing_databases_hold() {
+        let rows = |migrator: Migrator| -> Vec<(i64, String, bool, bool, String)> {
+            migrator
+                .iter()
+                .map(|m| {
+                    let simple = matches!(m.migration_type, MigrationType::Simple);
+                    (
+                        m.version,
+                        m.description.to_string(),
+                        simple,
+                        m.no_tx,
+                        hex(&m.checksum),
+                    )
+                })
+                .collect()
+        };
+        let row = |version, description: &str, checksum: &str| {
+            (
+                version,
+                description.to_owned(),
+                true,
+                false,
+                checksum.to_owned(),
+            )
+        };
+        assert_eq!(
+            rows(migrator(super::super::sqlite::MIGRATIONS)),
+            [
+                row(
+                    1,
+                    "identities",
+                    "74d65569bd12e670c18ab47941d78fe1b7cb01102b6f3e88af7fb5a3bcd189b450c4606878365b25e50615249d3a87b9"
+                ),
+                row(
+                    2,
+                    "phone",
+                    "56fbe9acd3f2f7c861f373462a5a2e223f9e5d4d38f8a79f99680f6067aaea47efe2c0832cf5b8afdc69e55a1d468121"
+                ),
+            ]
+        );
+        assert_eq!(
+            rows(migrator(super::super::postgres::MIGRATIONS)),
+            [row(
+                1,
+                "identities",
+                "dcbef3cf6622803ab0a28f87b43845255931c43b55ed0e9c2b2e3e6437d8009ef5e504025befd08ec6de110e0ef296fe"
+            )]
+        );
+    }
+}

@@ -8,10 +8,23 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::sql::{sql_identity_store, store_error};
+use super::sql::{Embedded, migrator, sql_identity_store, store_error};
 use super::{LoginIds, OpenIdLink, Phone, Resolved, StoreError, UserKey, UserRecord};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// `migrations/sqlite/`, in order. A migration that has landed is never edited: databases hold its
+/// checksum.
+pub(super) const MIGRATIONS: &[Embedded] = &[
+    (
+        1,
+        "identities",
+        include_str!("../../migrations/sqlite/0001_identities.sql"),
+    ),
+    (
+        2,
+        "phone",
+        include_str!("../../migrations/sqlite/0002_phone.sql"),
+    ),
+];
 
 /// Identity links in a SQLite file.
 #[derive(Clone)]
@@ -38,7 +51,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(store_error)?;
-        MIGRATOR.run(&pool).await.map_err(store_error)?;
+        migrator(MIGRATIONS).run(&pool).await.map_err(store_error)?;
         Ok(SqliteStore { pool })
     }
 
