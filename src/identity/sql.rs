@@ -414,10 +414,6 @@ pub(super) use sql_identity_store;
 mod tests {
     use super::*;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     /// Each store's list is its directory: every file, in order, with the version and description
     /// its name gives and its text as it is. A migration added to the directory but not to the list
     /// (or the other way round) fails here, not in production.
@@ -469,7 +465,7 @@ mod tests {
                         m.description.to_string(),
                         simple,
                         m.no_tx,
-                        hex(&m.checksum),
+                        hex::encode(&m.checksum),
                     )
                 })
                 .collect()
