@@ -10,7 +10,8 @@ The host's speed drifts by a factor of two within an hour, so one versus.py run 
 little about a change to the login path. Here both builds run at once, each with `workers = 1` and
 its own SQLite file, behind the same nginx stand-in for `jscode2session` (versus.py's), and each round
 runs `bench/login.lua` against one and then the other (the order alternates), after a discarded
-warm-up. Prints every run and the medians: logins/s, wxgate's CPU per login, p99.
+warm-up. Prints every run and the medians: logins/s, wxgate's CPU per login (split into user space
+and kernel, as versus.py splits it: a change to wxgate's code moves the first), p99.
 """
 
 import argparse
@@ -67,18 +68,21 @@ def main():
         for round_ in range(args.rounds):
             for side, gate, url in gates if round_ % 2 == 0 else gates[::-1]:
                 versus.wrk(url, args.connections, 2, "2s", {}, script=script)
-                before = versus.cpu_seconds(gate.pids())
+                before = versus.cpu_split(gate.pids())
                 stats = versus.wrk(url, args.connections, 2, args.duration, {}, script=script)
-                cpu = (versus.cpu_seconds(gate.pids()) - before) / stats["requests"] * 1e6
+                after = versus.cpu_split(gate.pids())
+                user, kernel = ((a - b) / stats["requests"] * 1e6 for a, b in zip(after, before))
                 errors = versus.failed(stats)
-                runs[side].append((stats["rps"], cpu, stats["p99"]))
-                print(f"round {round_ + 1} {side}: {stats['rps']:,.0f} logins/s, {cpu:.1f} µs CPU "
-                      f"each, p99 {stats['p99'] / 1000:.1f} ms, {errors} errors", flush=True)
+                runs[side].append((stats["rps"], user + kernel, stats["p99"], user, kernel))
+                print(f"round {round_ + 1} {side}: {stats['rps']:,.0f} logins/s, {user + kernel:.1f} µs CPU "
+                      f"each ({user:.1f} user, {kernel:.1f} kernel), p99 {stats['p99'] / 1000:.1f} ms, "
+                      f"{errors} errors", flush=True)
                 if errors:
                     versus.fail(f"{side}: {errors} logins failed")
         for side, _, _ in gates:
-            rps, cpu, p99 = (statistics.median(r[i] for r in runs[side]) for i in range(3))
-            print(f"{side}: median {rps:,.0f} logins/s, {cpu:.1f} µs CPU per login, p99 {p99 / 1000:.1f} ms")
+            rps, cpu, p99, user, kernel = (statistics.median(r[i] for r in runs[side]) for i in range(5))
+            print(f"{side}: median {rps:,.0f} logins/s, {cpu:.1f} µs CPU per login ({user:.1f} in user "
+                  f"space, {kernel:.1f} in the kernel, each a median), p99 {p99 / 1000:.1f} ms")
     finally:
         for service in services:
             service.stop()
