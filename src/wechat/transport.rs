@@ -154,7 +154,9 @@ impl Transport {
     async fn checkout(&self) -> Result<Conn, CallError> {
         loop {
             let Some(mut conn) = self.lock().pop() else {
-                return self.connect().await;
+                // Boxed: a TLS handshake's state is over a kilobyte, and inline it would be part of
+                // every call's future, copied with it, though a call seldom connects.
+                return Box::pin(self.connect()).await;
             };
             if conn.idle_since.elapsed() < self.idle_timeout && quiet(&mut conn.stream) {
                 return Ok(conn);
