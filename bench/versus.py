@@ -846,9 +846,12 @@ def run_logins(workers, wxgate_bin, services, public):
         print(f"- {'met' if slow_rps >= 9500 else 'MISSED'}: ≥ 9,500 logins/s with 50 ms WeChat "
               f"latency at 500 concurrent ({slow_rps:,.0f}; the stand-in alone answers "
               f"{alone_rps:,.0f}/s, wxgate reaches {slow_rps / alone_rps:.0%} of it)")
+        print(f"- {'met' if slow_rps >= 0.9 * alone_rps else 'MISSED'} (proposed in place of the "
+              f"9,500): ≥ 90% of the stand-in's own rate ({slow_rps / alone_rps:.0%})")
         print(f"- {'met' if slow_p99 <= 55000 else 'MISSED'}: p99 ≤ 55 ms ({ms(slow_p99)} ms)")
-        print(f"- {'met' if slow_p99 <= alone_p99 + 5000 else 'MISSED'}: p99 ≤ the stand-in's own "
-              f"p99 + 5 ms ({ms(slow_p99)} against {ms(alone_p99)} + 5 ms)")
+        print(f"- {'met' if slow_p99 <= alone_p99 + 5000 else 'MISSED'} (proposed in place of the "
+              f"55 ms): p99 ≤ the stand-in's own p99 + 5 ms ({ms(slow_p99)} against "
+              f"{ms(alone_p99)} + 5 ms)")
         print(f"- {'met' if slow_errors == 0 else 'MISSED'}: no errors ({slow_errors})")
 
 
@@ -868,7 +871,8 @@ def idle_rss(wxgate_bin, backend, wechat):
     private = status_kib(gate.pids(), "RssAnon") / 1024
     gate.stop()
     print(f"\nwxgate idle RSS (one app, SQLite, workers = 1, after start): {rss:.1f} MB "
-          f"({'met' if rss <= 10 else 'MISSED'}: ≤ 10 MB), of which private (RssAnon) {private:.1f} MB")
+          f"({'met' if rss <= 10 else 'MISSED'}: ≤ 10 MB), of which private (RssAnon) {private:.1f} MB "
+          f"({'met' if private <= 2 else 'MISSED'}, proposed in place of the RSS: ≤ 2 MB)")
 
 
 def main():
