@@ -70,8 +70,7 @@ def main():
                 versus.wrk(url, args.connections, 2, "2s", {}, script=script)
                 before = versus.cpu_split(gate.pids())
                 stats = versus.wrk(url, args.connections, 2, args.duration, {}, script=script)
-                after = versus.cpu_split(gate.pids())
-                user, kernel = ((a - b) / stats["requests"] * 1e6 for a, b in zip(after, before))
+                user, kernel = versus.per_request(before, versus.cpu_split(gate.pids()), stats)
                 errors = versus.failed(stats)
                 runs[side].append((stats["rps"], user + kernel, stats["p99"], user, kernel))
                 print(f"round {round_ + 1} {side}: {stats['rps']:,.0f} logins/s, {user + kernel:.1f} µs CPU "
