@@ -70,6 +70,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APPID = "wx0123456789abcdef"
 SIGNING_KEY = "bench-signing-key-0123456789abcdef-0123456789"
+# A login's CPU, in public requests of wxgate's CPU measured beside it: the budget that replaces the
+# issue's "logins ≥ 70% of pass-through" (README, "The targets, where they stand", says why). It was
+# 2.05–2.42 when adopted; it guards against a login growing, and is not derived from a user's need.
+LOGIN_BUDGET = 2.5
 # Same length, so every scenario sends the same bytes; /public/ is wxgate's public route.
 PATH_PROTECTED = "/secure/bench"
 PATH_PUBLIC = "/public/bench"
@@ -572,7 +576,7 @@ def report_matrix(workers, scenarios, reference):
         rows[s.name] = {
             "rps": median(rps), "ratio": median(ratios),
             "p99": median([run[0]["p99"] for run in s.runs]),
-            "c1_p50": unloaded_p50, "pinned_p50": pinned_p50, "errors": errors,
+            "c1_p50": unloaded_p50, "pinned_p50": pinned_p50, "errors": errors, "cpu": cpu_us,
         }
         print(f"| {s.name} | {median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) "
               f"| {median(ratios):.2f} "
@@ -585,8 +589,16 @@ def report_matrix(workers, scenarios, reference):
     return rows
 
 
+def targets_heading(workers):
+    """The targets are set at 1 worker each; at other counts they are printed for comparison."""
+    return (f"\nTargets at {workers} worker(s)"
+            + (":" if workers == 1 else " (set at 1 worker; printed for comparison):"))
+
+
 def verdicts(rows, workers):
-    """The issue's targets, checked against this run (printed, never an exit status)."""
+    """The targets, checked against this run (printed, never an exit status). Where the README
+    replaced one of the issue's targets, both are printed: the issue's form, then the one adopted in
+    its place (README, "The targets, where they stand", says why)."""
     def get(name, key):
         return rows.get(name, {}).get(key, float("nan"))
 
@@ -597,18 +609,22 @@ def verdicts(rows, workers):
          f"{ms(get('wxgate-required', 'p99'))} vs {ms(get('nginx', 'p99'))} ms"),
         (f"public route ≥ 1.05× nginx proxy_pass", pub >= 1.05, f"{pub:.2f}×"),
     ]
+    ours = get("wxgate-required", "cpu")
     for other in ("nginx+authreq", "nginx+njs-jwt"):
         r = get("wxgate-required", "rps") / get(other, "rps")
-        lines.append((f"required ≥ 2× {other}", r >= 2.0, f"{r:.2f}×"))
+        lines.append((f"required ≥ 2× {other} in req/s [the issue's form]", r >= 2.0, f"{r:.2f}×"))
+        c = get(other, "cpu") / ours
+        lines.append((f"required ≥ 2× {other} in CPU per request [adopted in its place]", c >= 2.0,
+                      f"{get(other, 'cpu'):.1f} against {ours:.1f} µs, {c:.2f}×"))
     for key, how in (("c1_p50", ""), ("pinned_p50", ", one core")):
         direct = get("direct", key)
-        ours = get("wxgate-required", key) - direct
+        mine = get("wxgate-required", key) - direct
         theirs = get("nginx", key) - direct
-        lines.append((f"c=1{how}: wxgate's added p50 (required route) ≤ nginx's", ours <= theirs,
-                      f"{ours:+.0f} vs {theirs:+.0f} µs"))
+        lines.append((f"c=1{how}: wxgate's added p50 (required route) ≤ nginx's", mine <= theirs,
+                      f"{mine:+.0f} vs {theirs:+.0f} µs"))
         auth = get("wxgate-required", key) - get("wxgate-public", key)
         lines.append((f"c=1{how}: authentication adds ≤ 5 µs", auth <= 5, f"{auth:+.0f} µs"))
-    print(f"\nTargets at {workers} worker(s):")
+    print(targets_heading(workers))
     for what, ok, value in lines:
         print(f"- {'met' if ok else 'MISSED'}: {what} ({value})")
 
@@ -838,21 +854,25 @@ def run_logins(workers, wxgate_bin, services, public):
     if not ARGS.smoke:
         fixed = results["nginx, fixed answer"][3]
         slow_rps, slow_p99, slow_errors, _ = results["nginx after 50 ms"]
-        print(f"\nTargets at {workers} worker(s):")
-        print(f"- {'met' if fixed >= 0.7 else 'MISSED'}: logins ≥ 70% of wxgate's pass-through "
-              f"({fixed:.0%}, the median of per-round ratios)")
         alone_rps = median([a["rps"] for a in alone])
         alone_p99 = median([a["p99"] for a in alone])
-        print(f"- {'met' if slow_rps >= 9500 else 'MISSED'}: ≥ 9,500 logins/s with 50 ms WeChat "
-              f"latency at 500 concurrent ({slow_rps:,.0f}; the stand-in alone answers "
-              f"{alone_rps:,.0f}/s, wxgate reaches {slow_rps / alone_rps:.0%} of it)")
-        print(f"- {'met' if slow_rps >= 0.9 * alone_rps else 'MISSED'} (proposed in place of the "
-              f"9,500): ≥ 90% of the stand-in's own rate ({slow_rps / alone_rps:.0%})")
-        print(f"- {'met' if slow_p99 <= 55000 else 'MISSED'}: p99 ≤ 55 ms ({ms(slow_p99)} ms)")
-        print(f"- {'met' if slow_p99 <= alone_p99 + 5000 else 'MISSED'} (proposed in place of the "
-              f"55 ms): p99 ≤ the stand-in's own p99 + 5 ms ({ms(slow_p99)} against "
-              f"{ms(alone_p99)} + 5 ms)")
-        print(f"- {'met' if slow_errors == 0 else 'MISSED'}: no errors ({slow_errors})")
+        lines = [
+            ("logins ≥ 70% of wxgate's pass-through [the issue's form]", fixed >= 0.7,
+             f"{fixed:.0%}, the median of per-round ratios"),
+            (f"a login ≤ {LOGIN_BUDGET} public requests of wxgate's CPU [adopted in its place]",
+             times <= LOGIN_BUDGET, f"{times:.2f}"),
+            ("≥ 9,500 logins/s with 50 ms WeChat latency at 500 concurrent [the issue's form]",
+             slow_rps >= 9500, f"{slow_rps:,.0f}; the stand-in alone answers {alone_rps:,.0f}/s"),
+            ("≥ 90% of the 50 ms stand-in's own rate [adopted in its place]",
+             slow_rps >= 0.9 * alone_rps, f"{slow_rps / alone_rps:.0%}"),
+            ("p99 ≤ 55 ms [the issue's form]", slow_p99 <= 55000, f"{ms(slow_p99)} ms"),
+            ("p99 ≤ the stand-in's own p99 + 5 ms [adopted in its place]",
+             slow_p99 <= alone_p99 + 5000, f"{ms(slow_p99)} against {ms(alone_p99)} + 5 ms"),
+            ("no errors", slow_errors == 0, f"{slow_errors}"),
+        ]
+        print(targets_heading(workers))
+        for what, ok, value in lines:
+            print(f"- {'met' if ok else 'MISSED'}: {what} ({value})")
 
 
 def per_request(before, after, stats):
@@ -873,9 +893,8 @@ def idle_rss(wxgate_bin, backend, wechat):
     if ARGS.smoke:  # judges nothing, as the rest of a smoke run (CI runs it on the debug build)
         rss_verdict = private_verdict = ""
     else:
-        rss_verdict = f" ({'met' if rss <= 10 else 'MISSED'}: ≤ 10 MB)"
-        private_verdict = (f" ({'met' if private <= 2 else 'MISSED'}, proposed in place of the "
-                           f"RSS: ≤ 2 MB)")
+        rss_verdict = f" ({'met' if rss <= 10 else 'MISSED'}: ≤ 10 MB [the issue's form])"
+        private_verdict = f" ({'met' if private <= 2 else 'MISSED'}: ≤ 2 MB [adopted in its place])"
     print(f"\nwxgate idle RSS (one app, SQLite, workers = 1, after start): {rss:.1f} MB{rss_verdict}, "
           f"of which private (RssAnon) {private:.1f} MB{private_verdict}")
 
