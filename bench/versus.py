@@ -74,6 +74,8 @@ SIGNING_KEY = "bench-signing-key-0123456789abcdef-0123456789"
 # issue's "logins ≥ 70% of pass-through" (README, "The targets, where they stand", says why). It was
 # 2.05–2.42 when adopted; it guards against a login growing, and is not derived from a user's need.
 LOGIN_BUDGET = 2.5
+# Connections held open to measure what each idle keep-alive one costs (under the usual 1,024 files).
+IDLE_CONNECTIONS = 500
 # Same length, so every scenario sends the same bytes; /public/ is wxgate's public route.
 PATH_PROTECTED = "/secure/bench"
 PATH_PUBLIC = "/public/bench"
@@ -889,6 +891,11 @@ def idle_rss(wxgate_bin, backend, wechat):
     rss = status_kib(gate.pids(), "VmRSS") / 1024
     # Its own memory; the rest is the executable's clean pages, shared with the page cache.
     private = status_kib(gate.pids(), "RssAnon") / 1024
+    # What an idle keep-alive connection costs: each of these makes one request and stays open.
+    held = keep_alive_connections(port, IDLE_CONNECTIONS)
+    per_connection = (status_kib(gate.pids(), "RssAnon") / 1024 - private) * 2**20 / len(held)
+    for conn in held:
+        conn.close()
     gate.stop()
     if ARGS.smoke:  # judges nothing, as the rest of a smoke run (CI runs it on the debug build)
         rss_verdict = private_verdict = ""
@@ -897,6 +904,28 @@ def idle_rss(wxgate_bin, backend, wechat):
         private_verdict = f" ({'met' if private <= 2 else 'MISSED'}: ≤ 2 MB [adopted in its place])"
     print(f"\nwxgate idle RSS (one app, SQLite, workers = 1, after start): {rss:.1f} MB{rss_verdict}, "
           f"of which private (RssAnon) {private:.1f} MB{private_verdict}")
+    print(f"wxgate's private memory per idle keep-alive connection (after one request each, "
+          f"{len(held)} of them): {per_connection:,.0f} bytes")
+
+
+def keep_alive_connections(port, count):
+    """`count` connections to wxgate's public route, each left open after one answered request."""
+    request = f"GET {PATH_PUBLIC} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    held = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.append(conn)
+        conn.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                fail(f"a keep-alive connection was closed before its answer: {answer[:200]!r}")
+            answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200"):
+            fail(f"the public route answered {answer[:40]!r} on a held connection")
+    time.sleep(0.5)
+    return held
 
 
 def main():
