@@ -45,7 +45,8 @@ are held to; and wxgate's public route is loaded beside the logins (before them 
 in the next), so "× wxgate public" is the median of per-round ratios, like the matrix's headline.
 Under the login table: what any errors were (wrk's socket errors by kind, or answers of 400 and
 up), and wxgate's CPU per login and per public request in the fixed-answer rounds, each split into
-user space and kernel. Last, wxgate's idle RSS.
+user space and kernel. Last, wxgate's idle RSS, and the private memory each idle keep-alive
+connection costs.
 
 Tools come from Debian's packages (nginx-light, libnginx-mod-http-js, haproxy, wrk, curl) and are
 installed when missing and running as root.
