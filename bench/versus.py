@@ -891,10 +891,11 @@ def idle_rss(wxgate_bin, backend, wechat):
     time.sleep(1)
     rss = status_kib(gate.pids(), "VmRSS") / 1024
     # Its own memory; the rest is the executable's clean pages, shared with the page cache.
-    private = status_kib(gate.pids(), "RssAnon") / 1024
+    private_kib = status_kib(gate.pids(), "RssAnon")
+    private = private_kib / 1024
     # What an idle keep-alive connection costs: each of these makes one request and stays open.
     held = keep_alive_connections(port, IDLE_CONNECTIONS)
-    per_connection = (status_kib(gate.pids(), "RssAnon") / 1024 - private) * 2**20 / len(held)
+    per_connection = (status_kib(gate.pids(), "RssAnon") - private_kib) * 1024 / len(held)
     for conn in held:
         conn.close()
     gate.stop()
